@@ -253,3 +253,9 @@ def test_files_cache_follows_file_contents(tmp_path, cache):
     path.write_text("\n\n".join(d.upper() for d in DOCS))
     os.utime(path, (1, 1))  # a different mtime even on coarse clocks
     assert prepare_data(cfg).cache_path != first.cache_path
+
+
+def test_bad_data_key_is_a_config_error():
+    from tfx.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="seq_lenn"):
+        prepare_data({"source": "pydocs", "seq_lenn": 3})

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tfx.core.errors import ConfigError
 
 from tfx.data.blocks import TokenBlocks
 from tfx.data.config import DataConfig, TokenizerConfig
@@ -43,8 +46,10 @@ class TokenData:
 def to_data_config(cfg) -> DataConfig:
     """A DataConfig, DictConfig or dict -> a validated DataConfig with interpolations
     (the default ``cache_dir`` reads env TFX_CACHE_DIR) resolved."""
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg))
+    except OmegaConfBaseException as err:  # unknown key, wrong type: one line, not a trace
+        raise ConfigError(f"data config: {str(err).splitlines()[0]}") from err
 
 
 def prepare_data(cfg) -> TokenData:

@@ -41,8 +41,8 @@ class BlockLoader:
         # Recomputed from (seed, epoch) alone: this is what makes resume O(1).
         if self._order_epoch != self.epoch:
             n = len(self.blocks)
-            self._order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-                           if self.shuffle else torch.arange(n))
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
             self._order_epoch = self.epoch
         return self._order
 
