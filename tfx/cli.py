@@ -6,6 +6,7 @@ traceback, and exit with status 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -35,16 +36,23 @@ def fail(err: Exception) -> None:
 
 
 def train_job(cfg: DictConfig) -> float:
+    from tfx.parallel.launch import WorkerFailed, launch, needs_launch
     from tfx.train.run import print_summary, train
 
     run_dir, name, group = _hydra_run_info()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     try:
-        summary = train(cfg, run_dir, run_name=name, group=group)
+        if needs_launch(cfg):  # parallel=... without torchrun: start the workers here
+            summary = launch(cfg, run_dir, run_name=name, group=group)
+        else:
+            summary = train(cfg, run_dir, run_name=name, group=group)
     except TfxError as err:
         fail(err)
-    if summary.get("world_size", 1) == 1 or summary.get("rank", 0) == 0:
+    except WorkerFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if int(os.environ.get("RANK", 0)) == 0:
         print_summary(summary)
     return float(summary["val_loss"])
 

@@ -69,6 +69,12 @@ class Technique:
         """Raise :class:`ConfigError` if this technique cannot work with ``plan``."""
 
     # -- building ------------------------------------------------------------------
+    def device_mesh(self, ctx: RunContext) -> Any:
+        """Return a ``DeviceMesh`` if this technique lays out the ranks (the first one
+        returned is used by all). A dimension named ``"dp"`` holds the data-parallel
+        replicas; without one every rank sees the same data."""
+        return None
+
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
 
@@ -78,6 +84,11 @@ class Technique:
 
     # -- every micro-step ----------------------------------------------------------
     def step_context(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def backward_context(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> ContextManager:
+        """Entered around ``backward`` (e.g. tensor parallel's ``loss_parallel``, which
+        must cover both the loss and its backward)."""
         return contextlib.nullcontext()
 
     def transform_loss(self, loss: torch.Tensor, batch: Dict[str, torch.Tensor],
@@ -90,10 +101,30 @@ class Technique:
         """Return the tensor to call ``backward`` on (fp16 loss scaling)."""
         return loss
 
+    #: True if this technique runs forward and backward itself (pipeline parallel:
+    #: its schedule interleaves micro-batches across ranks). At most one may.
+    owns_forward: bool = False
+
+    def forward_backward(self, model: nn.Module, batch: Dict[str, torch.Tensor], norm: float,
+                         loss_mult: float, info: StepInfo, ctx: RunContext) -> torch.Tensor:
+        """Only if ``owns_forward``: run one micro-step (forward + backward of
+        ``ce_sum / norm * loss_mult``) and return the detached ``ce_sum`` of the batch,
+        identical on every rank."""
+        raise NotImplementedError
+
+    def eval_ce_sum(self, model: nn.Module, batch: Dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:
+        """Only if ``owns_forward``: summed cross-entropy of ``batch``, on every rank."""
+        raise NotImplementedError
+
     # -- every optimizer step ------------------------------------------------------
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                               info: StepInfo, ctx: RunContext) -> None:
         """Called after backward of the last micro-step, before clipping."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Optional[torch.Tensor]:
+        """Clip yourself and return the total norm, or return None for
+        ``torch.nn.utils.clip_grad_norm_`` (pipeline parallel: the norm spans stages)."""
+        return None
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Optional[bool]:
         """Take the step yourself and return whether it was applied, or return None."""
@@ -101,6 +132,11 @@ class Technique:
 
     def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
         """``info.step`` is the number of optimizer steps taken, this one included."""
+
+    def metrics(self) -> Dict[str, float]:
+        """Numbers to log with the training metrics and put in the summary
+        (e.g. ``comm/bytes_per_step``)."""
+        return {}
 
     # -- resume and export ---------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -171,6 +207,15 @@ class Pipeline:
     def find(self, cls: type) -> Optional[Technique]:
         return next((t for t in self.techniques if isinstance(t, cls)), None)
 
+    def device_mesh(self, ctx: RunContext) -> Any:
+        return next((m for m in (t.device_mesh(ctx) for t in self.techniques) if m is not None), None)
+
+    def forward_owner(self) -> Optional[Technique]:
+        owners = [t for t in self.techniques if t.owns_forward]
+        if len(owners) > 1:
+            raise ConfigError(f"{[t.key for t in owners]} each run forward/backward themselves; pick one")
+        return owners[0] if owners else None
+
     def apply_to_model(self, model: nn.Module, ctx: RunContext,
                        stages: Optional[Iterable[Stage]] = None) -> nn.Module:
         wanted = None if stages is None else set(stages)
@@ -190,6 +235,12 @@ class Pipeline:
             stack.enter_context(t.step_context(model, info, ctx))
         return stack
 
+    def backward_context(self, model, info: StepInfo, ctx: RunContext) -> ContextManager:
+        stack = contextlib.ExitStack()
+        for t in self.techniques:
+            stack.enter_context(t.backward_context(model, info, ctx))
+        return stack
+
     def transform_loss(self, loss, batch, outputs, info, ctx):
         for t in self.techniques:
             loss = t.transform_loss(loss, batch, outputs, info, ctx)
@@ -204,6 +255,14 @@ class Pipeline:
         for t in self.techniques:
             t.before_optimizer_step(model, optimizer, info, ctx)
 
+    def clip_grad_norm(self, model, max_norm: float) -> float:
+        """Global gradient norm before clipping (DTensor norms made plain)."""
+        norm = next((n for n in (t.clip_grad_norm(model, max_norm) for t in self.techniques)
+                     if n is not None), None)
+        if norm is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     def optimizer_step(self, optimizer) -> bool:
         """Let one technique own the step (e.g. GradScaler); otherwise step plainly."""
         for t in self.techniques:
@@ -216,6 +275,12 @@ class Pipeline:
     def after_optimizer_step(self, model, info, ctx):
         for t in self.techniques:
             t.after_optimizer_step(model, info, ctx)
+
+    def metrics(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for t in self.techniques:
+            out.update(t.metrics())
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         return {t.key: t.state_dict() for t in self.techniques}

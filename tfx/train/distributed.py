@@ -27,6 +27,16 @@ def init_distributed(device: torch.device, timeout_s: int = 300) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
+def dp_coords(mesh, rank: int, world: int) -> tuple[int, int]:
+    """(dp_rank, dp_size): the mesh's ``"dp"`` dimension if it has one; without a mesh
+    every rank is a replica; a mesh without ``"dp"`` (TP, PP) has one replica."""
+    if mesh is None:
+        return rank, world
+    if "dp" in (mesh.mesh_dim_names or ()):
+        return mesh["dp"].get_local_rank(), mesh["dp"].size()
+    return 0, 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -49,12 +49,14 @@ class Job:
     resumed_from: Optional[Path]
 
 
-def _context(cfg: DictConfig, techniques, run_dir: Path, data: Optional[TokenData]) -> RunContext:
+def _context(cfg: DictConfig, techniques, run_dir: Path, data: Optional[TokenData],
+             mesh=None) -> RunContext:
     rank, local_rank, world = distributed.env_world()
     device = resolve_device(cfg.trainer.device)
+    dp_rank, dp_size = distributed.dp_coords(mesh, rank, world)
     return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world,
                       run_dir=run_dir, autocast_dtype=autocast_dtype(techniques), seed=cfg.seed,
-                      dp_rank=rank, dp_size=world,
+                      mesh=mesh, dp_rank=dp_rank, dp_size=dp_size,
                       vocab_size=data.vocab_size if data else None,
                       tokenizer_id=data.cache_path.name if data else None)
 
@@ -80,7 +82,7 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     pipeline.validate(Plan(techniques, world_size=ctx.world_size, device_type=device.type,
                            accum_steps=cfg.optim.accum_steps))
     data = data or _prepare_data(cfg, ctx)
-    ctx = _context(cfg, techniques, run_dir, data)
+    ctx = _context(cfg, techniques, run_dir, data, mesh=pipeline.device_mesh(ctx))
 
     ckpt_dir = run_dir / "checkpoints"
     resume_path = resolve_resume(cfg.resume, ckpt_dir)
@@ -187,7 +189,8 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "tokens_seen": trainer.state.tokens_seen, "skipped_steps": trainer.state.skipped_steps,
         "techniques": job.pipeline.order(),
         "stopped_early": result["stopped"],
-        "world_size": ctx.world_size, "device": str(ctx.device),
+        "world_size": ctx.world_size, "dp_size": ctx.dp_size, "device": str(ctx.device),
+        **job.pipeline.metrics(),
         "wall_time_s": wall_s,
         "run_dir": str(job.run_dir),
     }

@@ -23,6 +23,11 @@ from tfx.log import MetricsWriter, peak_memory_mb
 from tfx.train.loss import IGNORE_INDEX, ce_sum
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (tensor-parallel loss) as the full tensor; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @dataclass
 class LoopConfig:
     max_steps: int
@@ -91,19 +96,29 @@ class Trainer:
         loss_mult = float(ctx.dp_size)
         self.model.train()
         total_ce = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        owner = self.pipeline.forward_owner()
         for i, batch in enumerate(micro):
             info = StepInfo(self.state.step, i, loop.accum_steps)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            with self.pipeline.step_context(self.model, info, ctx):
-                out = self.model(batch["input_ids"], return_hidden=self._needs_hidden) \
-                    if self._needs_hidden else self.model(batch["input_ids"])
-                logits, hidden = (out if self._needs_hidden else (out, None))
-                s = ce_sum(logits, batch["labels"])
-                outputs = {"logits": logits, "hidden": hidden, "ce_sum": s, "norm": norm}
-                loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx) * loss_mult
-            self.pipeline.scale_loss(loss).backward()
-            total_ce += s.detach().double()
+            if owner is not None:  # pipeline parallel runs its own schedule
+                s = owner.forward_backward(self.model, batch, norm, loss_mult, info, ctx)
+            else:
+                s = self._forward_backward(batch, norm, loss_mult, info)
+            total_ce += _plain(s.detach()).double()
         return self._optimizer_step(total_ce, norm)
+
+    def _forward_backward(self, batch, norm: float, loss_mult: float, info: StepInfo) -> torch.Tensor:
+        ctx = self.ctx
+        with self.pipeline.step_context(self.model, info, ctx):
+            out = self.model(batch["input_ids"], return_hidden=self._needs_hidden) \
+                if self._needs_hidden else self.model(batch["input_ids"])
+            logits, hidden = (out if self._needs_hidden else (out, None))
+            s = ce_sum(logits, batch["labels"])
+            outputs = {"logits": logits, "hidden": hidden, "ce_sum": s, "norm": norm}
+            loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx) * loss_mult
+        with self.pipeline.backward_context(self.model, info, ctx):
+            self.pipeline.scale_loss(loss).backward()
+        return s
 
     def _optimizer_step(self, total_ce: torch.Tensor, norm: float) -> Dict[str, float]:
         info = StepInfo(self.state.step, self.loop.accum_steps - 1, self.loop.accum_steps)
@@ -114,7 +129,7 @@ class Trainer:
         self.pipeline.before_optimizer_step(self.model, self.optimizer, info, self.ctx)
         grad_norm = float("nan")
         if self.loop.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.grad_clip))
+            grad_norm = self.pipeline.clip_grad_norm(self.model, self.loop.grad_clip)
         applied = self._guarded_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
@@ -149,9 +164,25 @@ class Trainer:
         from tfx.evaluation import evaluate_lm
 
         info = StepInfo(self.state.step)
+        owner = self.pipeline.forward_owner()
+        if owner is not None:
+            return self._evaluate_with(owner, blocks or self.val_blocks, max_batches)
         with self.pipeline.step_context(self.model, info, self.ctx):
             return evaluate_lm(self.model, blocks or self.val_blocks, self.loop.eval_batch_size,
                                self.ctx.device, max_batches=max_batches, ctx=self.ctx)
+
+    def _evaluate_with(self, owner, blocks: TokenBlocks, max_batches: Optional[int]) -> Dict[str, float]:
+        """Evaluation through the technique that owns the forward (pipeline stages)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(blocks, self.loop.eval_batch_size, max_batches):
+            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+            total += float(owner.eval_ce_sum(self.model, batch, self.ctx))
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.model.train(was_training)
+        loss = total / max(1, count)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
@@ -241,7 +272,8 @@ class Trainer:
              "train/step_time_ms": 1000 * elapsed / max(1, window["n"]),
              "train/grad_norm": out["grad_norm"],
              "train/peak_mem_mb": peak_memory_mb(self.ctx.device),
-             "train/tokens_seen": self.state.tokens_seen}
+             "train/tokens_seen": self.state.tokens_seen,
+             **self.pipeline.metrics()}
         if self.flops_per_token:
             achieved = self.flops_per_token * tps
             m["train/tflops"] = achieved / 1e12

@@ -1,0 +1,12 @@
+"""Parallel training: DDP, FSDP2, tensor/sequence parallel, pipeline parallel, 2-D
+FSDP+TP, gradient-communication hooks, and the self-launcher that lets
+``python train.py parallel=ddp`` start its own workers.
+
+Each mode is a :class:`tfx.core.Technique`; the functions (``apply_ddp``,
+``apply_fsdp``, ``apply_tp`` ...) work without the pipeline or Hydra.
+"""
+from tfx.parallel.base import ParallelTechnique, default_nproc
+from tfx.parallel.comm_meter import CommMeter
+from tfx.parallel.ddp import DDP, apply_ddp
+
+__all__ = ["CommMeter", "DDP", "ParallelTechnique", "apply_ddp", "default_nproc"]

@@ -1,0 +1,66 @@
+"""What every parallel mode shares: worker count, world-size checks, comm metering."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+
+from tfx.core import ConfigError, RunContext, Technique
+from tfx.parallel.comm_meter import CommMeter
+
+#: Steps metered at the start of a run. The pattern of collectives repeats every
+#: step, and the Python dispatch mode costs time, so later steps run unmetered.
+METERED_STEPS = 2
+
+
+def default_nproc() -> int:
+    """One worker per GPU; two on a CPU-only machine (enough to exercise every path)."""
+    return torch.cuda.device_count() or 2
+
+
+class ParallelTechnique(Technique):
+    """Base of the ``parallel`` group. ``nproc_per_node`` is read by the launcher
+    (:mod:`tfx.parallel.launch`) when train.py starts its own workers."""
+
+    #: how many processes this mode needs at least
+    min_world: int = 2
+
+    def __init__(self, nproc_per_node: Optional[int] = None) -> None:
+        self.nproc_per_node = nproc_per_node or default_nproc()
+        self._meter = CommMeter()
+        self._metered = 0
+        self._bytes_per_step: Optional[int] = None
+        self._active = False
+
+    def validate(self, plan) -> None:
+        if plan.world_size < self.min_world:
+            raise ConfigError(f"parallel={self.key} needs at least {self.min_world} processes but "
+                              f"the run has {plan.world_size}; run `python train.py parallel={self.key}` "
+                              f"(it starts parallel.nproc_per_node workers) or torchrun --nproc-per-node "
+                              f"{self.min_world}, or use parallel=single")
+
+    # -- communication metering -------------------------------------------------------
+    def _metering(self) -> contextlib.AbstractContextManager:
+        # Only training micro-steps (evaluation runs under no_grad) of the first steps.
+        if self._metered >= METERED_STEPS or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        self._active = True
+        return self._meter
+
+    def step_context(self, model, info, ctx: RunContext):
+        return self._metering()
+
+    def backward_context(self, model, info, ctx: RunContext):
+        return self._metering()
+
+    def after_optimizer_step(self, model, info, ctx: RunContext) -> None:
+        if self._active:
+            self._bytes_per_step, self._active = self._meter.total, False
+            self._metered += 1
+            self._meter.reset()
+
+    def metrics(self) -> Dict[str, float]:
+        if self._bytes_per_step is None:
+            return {}
+        return {"comm/bytes_per_step": float(self._bytes_per_step)}

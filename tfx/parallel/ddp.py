@@ -1,0 +1,49 @@
+"""Distributed data parallel: one full replica per rank, gradients all-reduced.
+
+``no_sync`` skips the all-reduce on all but the last micro-step of gradient
+accumulation; gradients accumulate locally and the last backward reduces their sum,
+which (with the loop's global token normaliser) equals the large-batch gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+
+from tfx.core import RunContext, Stage
+from tfx.parallel.base import ParallelTechnique
+
+
+def apply_ddp(model: nn.Module, ctx: RunContext, bucket_cap_mb: Optional[float] = None,
+              gradient_as_bucket_view: bool = True) -> DistributedDataParallel:
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    kwargs = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+
+class DDP(ParallelTechnique):
+    stage = Stage.DATA_PARALLEL
+    name = "ddp"
+
+    def __init__(self, nproc_per_node: Optional[int] = None, bucket_cap_mb: Optional[float] = None,
+                 gradient_as_bucket_view: bool = True) -> None:
+        super().__init__(nproc_per_node)
+        self.bucket_cap_mb = bucket_cap_mb
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+
+    def device_mesh(self, ctx: RunContext):
+        return init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
+
+    def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        return apply_ddp(model, ctx, self.bucket_cap_mb, self.gradient_as_bucket_view)
+
+    def step_context(self, model, info, ctx: RunContext):
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().step_context(model, info, ctx))
+        if not info.is_last_micro and isinstance(model, DistributedDataParallel):
+            stack.enter_context(model.no_sync())
+        return stack

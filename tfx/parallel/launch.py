@@ -1,0 +1,134 @@
+"""``python train.py parallel=ddp`` on one machine: start the workers ourselves.
+
+Uses torch's elastic launcher API (what ``torchrun`` runs), so workers get the same
+environment (RANK, WORLD_SIZE, MASTER_ADDR ...) as under torchrun and the agent's
+failure handling: when one worker dies the agent stops the others and raises
+``ChildFailedError``, which we turn into one message naming the rank and its error.
+
+Workers receive the composed, resolved config as YAML and never re-enter Hydra, so
+all ranks write to rank 0's Hydra run directory. Under ``torchrun`` (or any launcher
+that sets ``TORCHELASTIC_RUN_ID`` / ``WORLD_SIZE``) nothing is launched.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from tfx.core import ConfigError
+
+
+def under_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def requested_workers(cfg: DictConfig) -> int:
+    """Workers the ``parallel`` group asks for (1 for ``single``)."""
+    node = cfg.get("parallel")
+    if not node or "_target_" not in node:
+        return 1
+    from hydra.utils import get_class
+
+    from tfx.parallel.base import ParallelTechnique, default_nproc
+
+    if not issubclass(get_class(node._target_), ParallelTechnique):
+        return 1
+    return int(node.get("nproc_per_node") or default_nproc())
+
+
+def needs_launch(cfg: DictConfig) -> bool:
+    return not under_launcher() and requested_workers(cfg) > 1
+
+
+def check_plan(cfg: DictConfig, world_size: int) -> None:
+    """Validate the technique combination for ``world_size`` ranks before spawning,
+    so a bad combination is one message from the parent, not one per worker."""
+    from tfx.config import build_techniques, check_choices
+    from tfx.core import Pipeline, Plan
+
+    check_choices(cfg)
+    techniques = build_techniques(cfg)
+    device = "cuda" if _has_cuda() else "cpu"
+    Pipeline(techniques).validate(Plan(techniques, world_size=world_size, device_type=device,
+                                       accum_steps=cfg.optim.accum_steps))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _worker(cfg_yaml: str, run_dir: str, run_name: Optional[str], group: Optional[str]) -> Dict[str, Any]:
+    """Entry point of every worker process (module level so ``spawn`` can pickle it)."""
+    from tfx.train.run import train
+
+    cfg = OmegaConf.create(cfg_yaml)
+    try:
+        return train(cfg, run_dir, run_name=run_name, group=group)
+    finally:
+        from tfx.train import distributed
+
+        distributed.destroy()
+
+
+def launch(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Optional[str] = None,
+           nproc: Optional[int] = None, monitor_interval: float = 0.1) -> Dict[str, Any]:
+    """Run the job on ``nproc`` local workers; return rank 0's summary.
+
+    Raises :class:`WorkerFailed` naming the first failed rank and its error.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.utils.distributed import get_free_port
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = nproc or requested_workers(cfg)
+    check_plan(cfg, nproc)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{get_free_port()}",
+                          max_restarts=0, monitor_interval=monitor_interval, start_method="spawn")
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    with _threads_per_worker(nproc):
+        try:
+            results = elastic_launch(config, _worker)(cfg_yaml, str(run_dir), run_name, group)
+        except ChildFailedError as err:
+            raise WorkerFailed.from_child_failure(err) from None
+    return results[0]
+
+
+class WorkerFailed(RuntimeError):
+    """A worker exited with an error; ``rank`` and ``message`` say which and why."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"worker rank {rank} failed: {message}")
+        self.rank, self.message = rank, message
+
+    @classmethod
+    def from_child_failure(cls, err) -> "WorkerFailed":
+        rank, failure = err.get_first_failure()
+        msg = failure.message
+        if isinstance(msg, dict):  # error file written by @record: {"message": ..., "extraInfo": ...}
+            msg = msg.get("message", msg)
+        if not msg or msg == "<N/A>" or msg == "<NONE>":
+            msg = f"exit code {failure.exitcode} (see its output above)"
+        return cls(failure.rank if failure.rank is not None else rank, str(msg).strip())
+
+
+class _threads_per_worker:
+    """Share the CPU cores between workers (torchrun does the same via OMP_NUM_THREADS)."""
+
+    def __init__(self, nproc: int) -> None:
+        self.nproc, self.saved = nproc, None
+
+    def __enter__(self):
+        self.saved = os.environ.get("OMP_NUM_THREADS")
+        if self.saved is None:
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.nproc))
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
