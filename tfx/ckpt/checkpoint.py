@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -20,7 +21,8 @@ import torch
 from tfx.core.errors import CheckpointError
 
 CKPT_GLOB = "step_*.pt"
-_STEP_RE = re.compile(r"step_(\d+)\.pt$")
+SHARDED_GLOB = "step_*.dcp"  # directories written by tfx.ckpt.sharded (multi-process runs)
+_STEP_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
 FORMAT_VERSION = 1
 
 
@@ -35,7 +37,8 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
 
 def list_checkpoints(ckpt_dir: Path) -> List[Path]:
     """Complete checkpoints, oldest first (temporary files never match the glob)."""
-    found = [p for p in Path(ckpt_dir).glob(CKPT_GLOB) if checkpoint_step(p) is not None]
+    found = [p for g in (CKPT_GLOB, SHARDED_GLOB) for p in Path(ckpt_dir).glob(g)
+             if checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
 
@@ -67,11 +70,16 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and stale temps)."""
     found = list_checkpoints(ckpt_dir)
     for old in found[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     for stale in Path(ckpt_dir).glob(".step_*.pt.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             stale.unlink(missing_ok=True)
+    for stale in Path(ckpt_dir).glob(".step_*.dcp.tmp"):  # saves are collective: none in flight
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,6 +93,10 @@ def _pid_alive(pid: int) -> bool:
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """Load a checkpoint file, turning I/O and unpickling failures into one line."""
     path = Path(path)
+    if path.is_dir() and checkpoint_step(path) is not None:
+        from tfx.ckpt.sharded import load_meta
+
+        return {**load_meta(path), "sharded": str(path)}  # tensors are loaded in place later
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

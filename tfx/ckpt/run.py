@@ -7,21 +7,21 @@ from typing import Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tfx.ckpt.checkpoint import latest_checkpoint, load_checkpoint
+from tfx.ckpt.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from tfx.core.errors import CheckpointError
 
 
 def find_checkpoint(path) -> Path:
     """A checkpoint file, a ``checkpoints`` directory or a run directory -> newest file."""
     path = Path(path).expanduser()
-    if path.is_file():
+    if path.is_file() or (path.is_dir() and checkpoint_step(path) is not None):
         return path
     for d in (path / "checkpoints", path):
         found = latest_checkpoint(d) if d.is_dir() else None
         if found is not None:
             return found
-    raise CheckpointError(f"no checkpoint found at {path} (expected a step_*.pt file, or a run "
-                          f"directory with checkpoints/step_*.pt)")
+    raise CheckpointError(f"no checkpoint found at {path} (expected a step_*.pt file or step_*.dcp "
+                          f"directory, or a run directory with checkpoints/step_*)")
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
@@ -50,7 +50,12 @@ def load_run(path, device: str = "cpu", techniques: bool = True) -> Tuple[nn.Mod
     if techniques:
         model = reapply_surgery(model, cfg, state)
     try:
-        model.load_state_dict(state["model"])
+        if "sharded" in state:  # written by a multi-process run: DCP reshards into one process
+            from tfx.ckpt.sharded import load_sharded
+
+            load_sharded(model, None, Path(state["sharded"]))
+        else:
+            model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_path}: weights do not fit the rebuilt model "
                               f"({str(err).splitlines()[0]})") from err

@@ -48,6 +48,18 @@ class Stage(IntEnum):
     COMM = 70
 
 
+#: Stages that only decide how the model is laid out over ranks and how gradients
+#: travel. A checkpoint may be resumed under a different layout (DCP reshards), so
+#: these are left out when a resume compares technique orders.
+LAYOUT_STAGES = (Stage.PIPELINE, Stage.TENSOR, Stage.DATA_PARALLEL, Stage.COMM)
+
+
+def structural_order(order: Sequence[str]) -> List[str]:
+    """``Pipeline.order()`` without the layout stages."""
+    layout = {s.name.lower() for s in LAYOUT_STAGES}
+    return [o for o in order if o.split(":", 1)[0] not in layout]
+
+
 class Technique:
     """Base class: every hook does nothing by default.
 

@@ -8,5 +8,8 @@ Each mode is a :class:`tfx.core.Technique`; the functions (``apply_ddp``,
 from tfx.parallel.base import ParallelTechnique, default_nproc
 from tfx.parallel.comm_meter import CommMeter
 from tfx.parallel.ddp import DDP, apply_ddp
+from tfx.parallel.fsdp import FSDP, apply_fsdp, mixed_precision_policy
+from tfx.parallel.tp import TensorParallel, apply_tp
 
-__all__ = ["CommMeter", "DDP", "ParallelTechnique", "apply_ddp", "default_nproc"]
+__all__ = ["CommMeter", "DDP", "FSDP", "ParallelTechnique", "TensorParallel", "apply_ddp",
+           "apply_fsdp", "apply_tp", "default_nproc", "mixed_precision_policy"]

@@ -28,14 +28,17 @@ def under_launcher() -> bool:
 
 def requested_workers(cfg: DictConfig) -> int:
     """Workers the ``parallel`` group asks for (1 for ``single``)."""
-    node = cfg.get("parallel")
-    if not node or "_target_" not in node:
-        return 1
     from hydra.utils import get_class
 
     from tfx.parallel.base import ParallelTechnique, default_nproc
 
-    if not issubclass(get_class(node._target_), ParallelTechnique):
+    node = cfg.get("parallel")
+    if not node:
+        return 1
+    # one technique (ddp.yaml) or several under one option (fsdp_tp.yaml: tp + fsdp)
+    targets = [node] if "_target_" in node else [v for v in node.values()
+                                                 if isinstance(v, DictConfig) and "_target_" in v]
+    if not any(issubclass(get_class(t._target_), ParallelTechnique) for t in targets):
         return 1
     return int(node.get("nproc_per_node") or default_nproc())
 
@@ -115,7 +118,8 @@ class WorkerFailed(RuntimeError):
             msg = msg.get("message", msg)
         if not msg or msg == "<N/A>" or msg == "<NONE>":
             msg = f"exit code {failure.exitcode} (see its output above)"
-        return cls(failure.rank if failure.rank is not None else rank, str(msg).strip())
+        lines = str(msg).strip().splitlines() or [""]
+        return cls(rank, lines[0][:500] + (" ..." if len(lines) > 1 or len(lines[0]) > 500 else ""))
 
 
 class _threads_per_worker:

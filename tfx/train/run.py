@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from tfx.ckpt import load_checkpoint, resolve_resume
 from tfx.config import build_techniques, check_choices
 from tfx.core import CheckpointError, Pipeline, Plan, RunContext, Technique
+from tfx.core.technique import structural_order
 from tfx.data import BlockLoader, TokenData, prepare_data
 from tfx.evaluation import count_params
 from tfx.log import MetricsWriter, WandbLogger, peak_memory_mb
@@ -126,7 +127,7 @@ def _unwrapped_gpt(model):
 
 def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, path: Path) -> None:
     saved, now = state.get("technique_order", []), pipeline.order()
-    if saved != now:
+    if structural_order(saved) != structural_order(now):  # parallel layouts may differ
         raise CheckpointError(f"{path} was trained with techniques {saved} but this run has {now}; "
                               f"resume with the same techniques, or start fresh with resume=never")
 

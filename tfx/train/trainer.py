@@ -185,11 +185,11 @@ class Trainer:
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     # -- checkpoints -----------------------------------------------------------------
-    def checkpoint_state(self) -> Dict[str, Any]:
-        return {
+    def checkpoint_state(self, tensors: bool = True) -> Dict[str, Any]:
+        """Everything a resume needs; ``tensors=False`` leaves out model and optimizer
+        (a sharded checkpoint stores those through DCP)."""
+        state = {
             "step": self.state.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "techniques": self.pipeline.state_dict(),
             "technique_order": self.pipeline.order(),
@@ -199,18 +199,27 @@ class Trainer:
                      **self.state.extra},
             **self.meta,
         }
+        if tensors:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
     def save_checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
+        if self.ctx.distributed:  # every rank writes its shards
+            from tfx.ckpt.sharded import save_sharded
+
+            path = save_sharded(self.model, self.optimizer, self.checkpoint_state(tensors=False),
+                                ckpt_dir, self.state.step)
+        elif self.ctx.is_main:
+            path = save_checkpoint(self.checkpoint_state(), ckpt_dir, self.state.step)
         if not self.ctx.is_main:
             return None
-        self.last_ckpt = save_checkpoint(self.checkpoint_state(), ckpt_dir, self.state.step)
+        self.last_ckpt = path
         prune_checkpoints(ckpt_dir, self.loop.keep_last)
         return self.last_ckpt
 
     def load_state(self, state: Dict[str, Any]) -> None:
         """Restore everything but the model weights' structure (already re-applied)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_tensors(state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.pipeline.load_state_dict(state.get("techniques", {}))
         self.loader.load_state_dict(state["loader"])
@@ -218,6 +227,19 @@ class Trainer:
         self.state.step = int(state["step"])
         self.state.tokens_seen = int(state["loop"].get("tokens_seen", 0))
         self.state.skipped_steps = int(state["loop"].get("skipped_steps", 0))
+
+    def _load_tensors(self, state: Dict[str, Any]) -> None:
+        if "sharded" in state:  # DCP reshards to this run's layout, any world size
+            from tfx.ckpt.sharded import load_sharded
+
+            load_sharded(self.model, self.optimizer, Path(state["sharded"]))
+        elif self.ctx.distributed:  # a single-process checkpoint continued on several ranks
+            from tfx.ckpt.sharded import load_full_into
+
+            load_full_into(self.model, self.optimizer, state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, ckpt_dir: Path) -> Dict[str, Any]:
