@@ -1,0 +1,68 @@
+"""Shared helpers of the parallel tests: compose a tiny config, run it in one
+process or on N gloo workers through tfx's own launcher, read back what it wrote."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from tfx.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = ["model=tiny", "data=pydocs", "data.seq_len=32", "trainer.max_steps=4", "trainer.log_every=1",
+        "trainer.eval_every=0", "trainer.ckpt_every=2", "trainer.keep_last=5",
+        "trainer.final_eval_batches=2", "trainer.eval_batches=2", "logger=none",
+        "trainer.progress=false", "optim.warmup_steps=1", "optim.lr=3e-3", "resume=never"]
+
+
+def make_cfg(run_dir: Path, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=TINY + list(overrides))
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def run_single(run_dir: Path, *overrides: str) -> Dict:
+    from tfx.train.run import train
+
+    return train(make_cfg(run_dir, *overrides), run_dir)
+
+
+def run_workers(run_dir: Path, nproc: int, *overrides: str) -> Dict:
+    from tfx.parallel.launch import launch
+
+    return launch(make_cfg(run_dir, *overrides), run_dir, nproc=nproc)
+
+
+def train_log(run_dir: Path) -> List[Dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def final_weights(run_dir: Path) -> Dict[str, torch.Tensor]:
+    from tfx.ckpt import load_run
+
+    model, _ = load_run(run_dir)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_training(run_a: Path, run_b: Path, steps=None, atol=2e-5, rtol=1e-4) -> None:
+    """Same per-step loss and gradient norm, and the same final weights."""
+    a, b = train_log(run_a), train_log(run_b)
+    if steps is not None:
+        a = [r for r in a if r["step"] in steps]
+        b = [r for r in b if r["step"] in steps]
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a
+    for ra, rb in zip(a, b):
+        assert abs(ra["train/loss"] - rb["train/loss"]) < 1e-5 * max(1, abs(rb["train/loss"])), (ra, rb)
+        assert abs(ra["train/grad_norm"] - rb["train/grad_norm"]) < rtol * rb["train/grad_norm"] + atol, (ra, rb)
+    wa, wb = final_weights(run_a), final_weights(run_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=rtol, msg=k)
