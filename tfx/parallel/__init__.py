@@ -9,7 +9,8 @@ from tfx.parallel.base import ParallelTechnique, default_nproc
 from tfx.parallel.comm_meter import CommMeter
 from tfx.parallel.ddp import DDP, apply_ddp
 from tfx.parallel.fsdp import FSDP, apply_fsdp, mixed_precision_policy
+from tfx.parallel.pp import PipelineParallel
 from tfx.parallel.tp import TensorParallel, apply_tp
 
-__all__ = ["CommMeter", "DDP", "FSDP", "ParallelTechnique", "TensorParallel", "apply_ddp",
+__all__ = ["CommMeter", "DDP", "FSDP", "ParallelTechnique", "PipelineParallel", "TensorParallel", "apply_ddp",
            "apply_fsdp", "apply_tp", "default_nproc", "mixed_precision_policy"]

@@ -26,10 +26,17 @@ def _norm(grads) -> torch.Tensor:
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float,
-                   pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Clip in place; return the total norm over all gradients (and stages)."""
+                   pp_group: Optional[dist.ProcessGroup] = None,
+                   uncounted: Iterable[torch.nn.Parameter] = ()) -> torch.Tensor:
+    """Clip in place; return the total norm over all gradients (and stages).
+    ``uncounted`` parameters are clipped but left out of the norm (a tied weight
+    that another stage already counts)."""
+    skip = {id(p) for p in uncounted}
     groups: Dict[Any, List[torch.nn.Parameter]] = defaultdict(list)
+    params = list(params)
     for p in params:
+        if id(p) in skip:
+            continue
         if p.grad is not None:  # one group per device mesh (2-D runs mix 1-D and 2-D meshes)
             groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p)
     sq = sum((_norm([p.grad for p in g]).float() ** 2 for g in groups.values()), torch.zeros(()))
@@ -38,4 +45,7 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float,
     total = sq.sqrt()
     for group in groups.values():
         clip_grads_with_norm_(group, max_norm, total)
+    extra = [p for p in params if id(p) in skip and p.grad is not None]
+    if extra:
+        clip_grads_with_norm_(extra, max_norm, total)
     return total

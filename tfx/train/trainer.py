@@ -101,7 +101,8 @@ class Trainer:
             info = StepInfo(self.state.step, i, loop.accum_steps)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             if owner is not None:  # pipeline parallel runs its own schedule
-                s = owner.forward_backward(self.model, batch, norm, loss_mult, info, ctx)
+                with self.pipeline.step_context(self.model, info, ctx):
+                    s = owner.forward_backward(self.model, batch, norm, loss_mult, info, ctx)
             else:
                 s = self._forward_backward(batch, norm, loss_mult, info)
             total_ce += _plain(s.detach()).double()
