@@ -81,3 +81,15 @@ def test_pp_interleaved_matches_single(tmp_path):
     run_workers(tmp_path / "pp", 2, "parallel=pp", "parallel.schedule=interleaved_1f1b",
                 "trainer.batch_size=4", "model.n_layer=4")
     assert_same_training(tmp_path / "pp", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("hook", ["bf16_comm", "powersgd"])
+def test_comm_hooks_train_and_report_bytes(tmp_path, hook):
+    summary = run_workers(tmp_path, 2, "parallel=ddp", f"compression=[{hook}]", "trainer.batch_size=2",
+                          "trainer.max_steps=8", "trainer.ckpt_every=0", "optim.lr=1e-2",
+                          "compression.powersgd.warmup_steps=2" if hook == "powersgd" else "seed=1337")
+    log = train_log(tmp_path)
+    assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.1  # it learns
+    fp32_bytes = 4 * summary["params"]
+    ratio = summary["comm/hook_bytes_per_step"] / fp32_bytes
+    assert ratio == pytest.approx(0.5, abs=0.01) if hook == "bf16_comm" else ratio < 0.1

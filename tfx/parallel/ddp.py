@@ -35,6 +35,12 @@ class DDP(ParallelTechnique):
         self.bucket_cap_mb = bucket_cap_mb
         self.gradient_as_bucket_view = gradient_as_bucket_view
 
+    def require_single_bucket(self, cap_mb: float, why: str) -> None:
+        """Called by comm hooks that need every gradient in one bucket."""
+        if self.bucket_cap_mb is not None and self.bucket_cap_mb < cap_mb:
+            print(f"parallel.bucket_cap_mb={self.bucket_cap_mb} raised to {cap_mb:g}: {why} needs one bucket")
+        self.bucket_cap_mb = cap_mb
+
     def device_mesh(self, ctx: RunContext):
         return init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
 
