@@ -10,14 +10,14 @@ import os
 
 import pytest
 
-from parallel_utils import assert_same_training, run_single, run_workers, train_log
+from parallel_utils import shared_cache, assert_same_training, run_single, run_workers, train_log
 
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("TFX_CACHE_DIR", "WANDB_MODE")}
-    os.environ["TFX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["TFX_CACHE_DIR"] = str(shared_cache(tmp_path_factory))
     os.environ["WANDB_MODE"] = "offline"
     yield
     for k, v in old.items():
