@@ -1,4 +1,5 @@
-"""What every parallel mode shares: worker count, world-size checks, comm metering."""
+"""What every parallel mode shares: worker count, world-size checks, comm metering,
+model-state bytes per rank (reported in metrics and summary.json)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import torch
 
 from tfx.core import ConfigError, RunContext, Technique
 from tfx.parallel.comm_meter import CommMeter
+from tfx.parallel.memory import grad_bytes, optimizer_bytes, param_bytes
 
 #: Steps metered at the start of a run. The pattern of collectives repeats every
 #: step, and the Python dispatch mode costs time, so later steps run unmetered.
@@ -32,6 +34,8 @@ class ParallelTechnique(Technique):
         self._metered = 0
         self._bytes_per_step: Optional[int] = None
         self._active = False
+        self._optimizer = None
+        self._mem: Dict[str, float] = {}
 
     def validate(self, plan) -> None:
         if plan.world_size < self.min_world:
@@ -54,13 +58,26 @@ class ParallelTechnique(Technique):
     def backward_context(self, model, info, ctx: RunContext):
         return self._metering()
 
+    # -- model-state bytes per rank ------------------------------------------------------
+    def wrap_optimizer(self, optimizer, model, ctx: RunContext):
+        self._optimizer = optimizer
+        return optimizer
+
+    def before_optimizer_step(self, model, optimizer, info, ctx: RunContext) -> None:
+        if not self._mem:
+            self._mem = {"mem/grad_bytes": float(grad_bytes(model))}
+
     def after_optimizer_step(self, model, info, ctx: RunContext) -> None:
+        if "mem/optim_bytes" not in self._mem and self._optimizer is not None:
+            self._mem.update({"mem/param_bytes": float(param_bytes(model)),
+                              "mem/optim_bytes": float(optimizer_bytes(self._optimizer))})
         if self._active:
             self._bytes_per_step, self._active = self._meter.total, False
             self._metered += 1
             self._meter.reset()
 
     def metrics(self) -> Dict[str, float]:
-        if self._bytes_per_step is None:
-            return {}
-        return {"comm/bytes_per_step": float(self._bytes_per_step)}
+        out = dict(self._mem)
+        if self._bytes_per_step is not None:
+            out["comm/bytes_per_step"] = float(self._bytes_per_step)
+        return out

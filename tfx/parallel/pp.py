@@ -163,6 +163,7 @@ class PipelineParallel(ParallelTechnique):
     # -- every optimizer step ------------------------------------------------------------
     def before_optimizer_step(self, model, optimizer, info, ctx) -> None:
         """Sum the two halves of the tied embedding gradient (see module docstring)."""
+        super().before_optimizer_step(model, optimizer, info, ctx)
         if self._embed_group is None:
             return
         ends = [m.weight for m in (model.tok_emb, model.head) if m is not None]
