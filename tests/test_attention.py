@@ -228,6 +228,22 @@ def test_configs_instantiate():
         tech.validate(Plan([tech], device_type="cpu"))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", PATTERNS)
+def test_flex_block_mask_forward_on_cpu(name):
+    """Eager flex forward (CPU has no flex backward): checks mask_mod and the cached BlockMask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from tfx.attention.kernels import _flex_block_mask
+
+    pattern, T = PATTERNS[name], 200
+    q, k, v = (x.detach().float() for x in qkv(T))
+    block_mask = _flex_block_mask(pattern, T, q.device)
+    assert block_mask is _flex_block_mask(pattern, T, q.device)  # cached per (T, device)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask(T))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
 @pytest.mark.parametrize("name", PATTERNS)

@@ -134,8 +134,14 @@ def _dense_mask(pattern: Pattern, seq_len: int, device: torch.device) -> torch.T
 @lru_cache(maxsize=64)
 def _flex_block_mask(pattern: Pattern, seq_len: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        # A plain function: FlexAttention counts a bound method's ``self`` as a fifth
+        # argument and would take it for a score_mod.
+        return pattern.mask_mod(b, h, q_idx, kv_idx)
+
     # B=None, H=None: one mask broadcast over batch and heads.
-    return create_block_mask(pattern.mask_mod, None, None, seq_len, seq_len, device=device)
+    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
 
 
 @lru_cache(maxsize=1)
