@@ -68,6 +68,7 @@ class BlockedSparseKernel(SparseKernel):
         super().__init__(pattern, dropout)
         self.tile = tile
 
+    @torch.compiler.disable  # a cached lookup; traced, it would rebuild the mask every call
     def layout(self, seq_len: int, device=torch.device("cpu")) -> BlockedLayout:
         """The gather plan, exposed so tests and benchmarks can count the work done."""
         return build_layout(self.spec, seq_len, self.tile, torch.device(device))
@@ -131,6 +132,7 @@ def _dense_mask(pattern: Pattern, seq_len: int, device: torch.device) -> torch.T
     return pattern.mask(seq_len, device)
 
 
+@torch.compiler.disable  # built once per (T, device) outside the compiled graph
 @lru_cache(maxsize=64)
 def _flex_block_mask(pattern: Pattern, seq_len: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
