@@ -174,8 +174,10 @@ def test_technique_gives_dense_mask_logits(tech):
     tech.validate(Plan([tech]))
     model = tiny_gpt()
     reference = apply_sparse_attention(copy.deepcopy(model), tech.pattern(), impl="dense_mask")
+    keys = set(model.state_dict())
     model = tech.apply_to_model(model, RunContext())
     assert all(type(b.attn.kernel).__name__ == "AutoSparseKernel" for b in model.blocks())
+    assert set(model.state_dict()) == keys  # checkpoints stay interchangeable with dense
     idx = torch.randint(0, 64, (2, 100), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(idx), reference(idx), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(model(idx), tiny_gpt()(idx), atol=1e-4)  # really not dense
