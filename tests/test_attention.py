@@ -198,6 +198,18 @@ def test_training_steps_lower_the_loss(tech):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
+def test_attention_dropout_is_kept():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, d_model=32, dropout=0.5))
+    apply_sparse_attention(model, SlidingWindow(8), tile=TILE)
+    kernel = model.blocks()[0].attn.kernel
+    assert kernel.dropout == 0.5 and kernel.blocked.dropout == 0.5
+    idx = torch.randint(0, 64, (1, 40))
+    assert not torch.equal(model(idx), model(idx))  # training: dropout active
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx))
+
+
 @pytest.mark.parametrize("tech,key", [
     (SlidingWindowAttention(window=0), "window"),
     (SlidingWindowAttention(window="256"), "window"),

@@ -1,13 +1,10 @@
 """Sparse attention kernels: the same pattern, three implementations.
 
-==============  ======================================================  ==============
-impl            what runs                                               use
-==============  ======================================================  ==============
-``blocked``     gather needed key tiles, batched SDPA (:mod:`.blocked`)  CPU training
-``flex``        compiled ``flex_attention`` with a cached ``BlockMask``  CUDA training
-``dense_mask``  SDPA with the dense ``(T, T)`` boolean mask              reference
-``auto``        ``flex`` for CUDA tensors, ``blocked`` otherwise         default
-==============  ======================================================  ==============
+* ``blocked``: a band of key tiles per query tile, one batched SDPA call
+  (:mod:`tfx.attention.blocked`); CPU training, works on CUDA too.
+* ``flex``: compiled ``flex_attention`` with a cached ``BlockMask``; CUDA training.
+* ``dense_mask``: SDPA with the dense ``(T, T)`` boolean mask; the reference.
+* ``auto`` (default): ``flex`` for CUDA tensors without attention dropout, else ``blocked``.
 
 All are parameter-free :class:`~tfx.model.attention.AttentionKernel` s, so swapping
 them never changes a checkpoint.
@@ -86,7 +83,7 @@ class FlexSparseKernel(SparseKernel):
 
     ``flex_attention`` is compiled once per process: eager mode falls back to a
     dense reference that materialises the scores. No attention dropout (FlexAttention
-    has none); a model with attention dropout must use ``impl=blocked``.
+    has none): ``auto`` then uses the blocked kernel.
     """
 
     impl = "flex"
@@ -100,7 +97,8 @@ class FlexSparseKernel(SparseKernel):
 
 
 class AutoSparseKernel(SparseKernel):
-    """FlexAttention for CUDA tensors, the blocked kernel otherwise (flex cannot train on CPU)."""
+    """FlexAttention for CUDA tensors, the blocked kernel otherwise (flex cannot train on
+    CPU), and also while attention dropout is active (flex has no dropout)."""
 
     impl = "auto"
 
@@ -110,7 +108,8 @@ class AutoSparseKernel(SparseKernel):
         self.flex = FlexSparseKernel(pattern, dropout)
 
     def forward(self, q, k, v):
-        return self.flex(q, k, v) if q.is_cuda else self.blocked(q, k, v)
+        use_flex = q.is_cuda and self._dropout_p() == 0
+        return self.flex(q, k, v) if use_flex else self.blocked(q, k, v)
 
 
 def make_kernel(pattern: Pattern, impl: str = "auto", tile: int = 64,
