@@ -120,8 +120,8 @@ class Technique:
     def forward_backward(self, model: nn.Module, batch: Dict[str, torch.Tensor], norm: float,
                          loss_mult: float, info: StepInfo, ctx: RunContext) -> torch.Tensor:
         """Only if ``owns_forward``: run one micro-step (forward + backward of
-        ``ce_sum / norm * loss_mult``) and return the detached ``ce_sum`` of the batch,
-        identical on every rank."""
+        ``ce_sum / norm * loss_mult``) and return the detached ``ce_sum / norm`` of the
+        batch (its share of the objective), identical on every rank."""
         raise NotImplementedError
 
     def eval_ce_sum(self, model: nn.Module, batch: Dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:

@@ -140,7 +140,7 @@ class PipelineParallel(ParallelTechnique):
 
     def forward_backward(self, model, batch, norm, loss_mult, info, ctx) -> torch.Tensor:
         self._scale = loss_mult / norm
-        return self._run(self._schedule.step, batch)
+        return self._run(self._schedule.step, batch) / norm
 
     def eval_ce_sum(self, model, batch, ctx) -> torch.Tensor:
         self._scale = 1.0
