@@ -36,10 +36,11 @@ def fail(err: Exception) -> None:
 
 
 def train_job(cfg: DictConfig) -> float:
-    from tfx.parallel.launch import WorkerFailed, launch, needs_launch
+    from tfx.parallel.launch import WorkerFailed, launch, needs_launch, rank0_run_dir
     from tfx.train.run import print_summary, train
 
     run_dir, name, group = _hydra_run_info()
+    run_dir = rank0_run_dir(cfg, run_dir)  # under torchrun: one directory for all ranks
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     try:

@@ -47,6 +47,22 @@ def needs_launch(cfg: DictConfig) -> bool:
     return not under_launcher() and requested_workers(cfg) > 1
 
 
+def rank0_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """Under torchrun every rank composed its own Hydra config, and ``${now:...}`` in
+    the run directory can differ by a second between ranks: use rank 0's."""
+    import torch.distributed as dist
+
+    from tfx.train import distributed
+    from tfx.train.build import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return Path(run_dir)
+    distributed.init_distributed(resolve_device(cfg.trainer.device))
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def check_plan(cfg: DictConfig, world_size: int) -> None:
     """Validate the technique combination for ``world_size`` ranks before spawning,
     so a bad combination is one message from the parent, not one per worker."""
