@@ -3,6 +3,7 @@ process or on N gloo workers through tfx's own launcher, read back what it wrote
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -73,3 +74,13 @@ def assert_same_training(run_a: Path, run_b: Path, steps=None, atol=2e-5, rtol=1
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=rtol, msg=k)
+
+
+def interrupt_after(src, dst, step: int):
+    """A copy of ``src`` as if it had been killed right after checkpointing ``step``."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1].split(".")[0]) > step:
+            shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
+    (dst / "metrics.jsonl").unlink()
+    return dst

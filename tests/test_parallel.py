@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from parallel_utils import shared_cache, assert_same_training, run_single, run_workers, train_log
+from parallel_utils import interrupt_after, shared_cache, assert_same_training, run_single, run_workers, train_log
 
 
 
@@ -44,6 +44,13 @@ def test_ddp_matches_single(reference, ddp_run):
     assert summary["world_size"] == 2 and summary["dp_size"] == 2
     assert summary["comm/bytes_per_step"] > 0
     assert_same_training(run_dir, reference)
+
+
+def test_ddp_resume_equals_uninterrupted(ddp_run, tmp_path):
+    full, _ = ddp_run
+    resumed = interrupt_after(full, tmp_path / "resumed", 2)  # as if killed after step 2
+    run_workers(resumed, 2, "parallel=ddp", "trainer.batch_size=2", "resume=auto")
+    assert_same_training(resumed, full, steps={3, 4}, atol=0, rtol=0)
 
 
 def test_ddp_accumulation_matches_large_batch(reference, tmp_path):

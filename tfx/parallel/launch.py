@@ -12,14 +12,12 @@ that sets ``TORCHELASTIC_RUN_ID`` / ``WORLD_SIZE``) nothing is launched.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from tfx.core import ConfigError
 
 
 def under_launcher() -> bool:
