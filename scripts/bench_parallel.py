@@ -118,9 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     steps = args.steps or (8 if args.quick else 30)
     model = ["model=tiny", "data.seq_len=64"] if args.quick else ["model=small", "data.seq_len=128"]
+    # no trainer.final_eval_batches: the final evaluation covers the whole validation split
     base = model + ["data=pydocs", f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
-                    "trainer.log_every=5",  # final evaluation: the whole validation split "logger=none",
-                    "trainer.progress=false", "resume=never", "optim.warmup_steps=2"]
+                    "trainer.log_every=5", "logger=none", "trainer.progress=false", "resume=never", "optim.warmup_steps=2"]
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"## Parallel modes ({' '.join(model)}, global batch {GLOBAL_BATCH}, {steps} steps)\n")
