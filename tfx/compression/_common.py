@@ -11,6 +11,13 @@ from torch import nn
 from tfx.core.errors import CheckpointError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
 def block_linears(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers inside the transformer blocks (``layers.*``).
 

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from tfx.compression._common import unwrap
 from tfx.compression.reload import inference_state_dict
 from tfx.core.context import RunContext
 from tfx.core.errors import CheckpointError, ConfigError
@@ -87,9 +88,7 @@ class CompressedExport(Technique):
         self.dtype, self.zstd_level = dtype, zstd_level
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        from tfx.compression.prune import _unwrap
-
-        sd = inference_state_dict(_unwrap(model).state_dict())
+        sd = inference_state_dict(unwrap(model).state_dict())
         info = save_compressed(sd, os.path.join(out_dir, "model" + EXTENSION),
                                DTYPES[self.dtype], self.zstd_level)
         return {"compressed_export/bytes": info["bytes"],

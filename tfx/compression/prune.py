@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import block_linears, load_weights_from_run
+from tfx.compression._common import block_linears, load_weights_from_run, unwrap
 from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
@@ -190,6 +190,7 @@ class _MaskTechnique(Technique):
                               "parallel=ddp or parallel=single")
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
+        model = unwrap(model)
         path = f"{out_dir}/model_sparse.tfxs"
         info = save_sparse(model, path)
         return {f"{self.name}/sparsity": sparsity(model), f"{self.name}/sparse_bytes": info["bytes"],
@@ -246,7 +247,7 @@ class MagnitudePruning(_MaskTechnique):
     def _maybe_prune(self, model: nn.Module, step: int) -> None:
         s = self.target_at(step)
         if s is not None and s > 0:
-            self.current = magnitude_prune(_unwrap(model), s, self.scope)
+            self.current = magnitude_prune(unwrap(model), s, self.scope)
 
     def state_dict(self):
         return {"current_sparsity": self.current}
@@ -283,7 +284,7 @@ class NMPruning(_MaskTechnique):
 
     def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
         if not self.done and info.step >= self.at_step:
-            nm_prune(_unwrap(model), self.n, self.m)
+            nm_prune(unwrap(model), self.n, self.m)
             self.done = True
 
     def state_dict(self):
@@ -296,13 +297,7 @@ class NMPruning(_MaskTechnique):
         metrics = super().export(model, out_dir, ctx)
         if self.semi_structured and torch.cuda.is_available():
             import copy
-            sparse = to_semi_structured(copy.deepcopy(_unwrap(model)).half().cuda())
+            sparse = to_semi_structured(copy.deepcopy(unwrap(model)).half().cuda())
             torch.save(sparse.state_dict(), f"{out_dir}/model_2to4.pt")
         return metrics
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model

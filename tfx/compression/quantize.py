@@ -21,7 +21,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import count_params
+from tfx.compression._common import count_params, unwrap
+from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
 from tfx.core.technique import Plan, Stage, Technique
@@ -89,9 +90,7 @@ def _fp32_size(model: nn.Module, out_dir) -> int:
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deepcopy of the unwrapped model with pruning masks folded in."""
-    from tfx.compression.prune import _unwrap, make_permanent
-
-    return make_permanent(copy.deepcopy(_unwrap(model))).eval()
+    return make_permanent(copy.deepcopy(unwrap(model))).eval()
 
 
 class PostTrainingQuant(Technique):
@@ -184,9 +183,7 @@ class QAT(Technique):
         return prepare_qat(model, self.scheme, self.group_size)
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        from tfx.compression.prune import _unwrap
-
-        fq = copy.deepcopy(_unwrap(model)).eval()
+        fq = copy.deepcopy(unwrap(model)).eval()
         q = convert_qat(fq, self.scheme, self.group_size)
         size = save_quantized(q, os.path.join(out_dir, f"model_qat_{self.scheme}.pt"))
         return {f"qat/{self.scheme}/bytes": size, "qat/params": count_params(model)}
