@@ -24,6 +24,11 @@ class RunContext:
     autocast_dtype: Optional[torch.dtype] = None
     mesh: Any = None
     seed: int = 0
+    # data-parallel coordinates (differ from rank/world_size under TP/PP meshes)
+    dp_rank: int = 0
+    dp_size: int = 1
+    vocab_size: Optional[int] = None
+    tokenizer_id: Optional[str] = None
 
     @property
     def is_main(self) -> bool:

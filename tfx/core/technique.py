@@ -57,6 +57,12 @@ class Technique:
 
     stage: Stage = Stage.SURGERY
     name: Optional[str] = None
+    #: SURGERY techniques are re-applied to a fresh model before a checkpoint's
+    #: weights are loaded (resume, evaluate.py, tfx.ckpt.load_run). Set False for
+    #: training-only techniques that leave the model's structure alone (distillation).
+    reapply_on_load: bool = True
+    #: True if ``transform_loss`` needs ``outputs["hidden"]`` (the final hidden state).
+    needs_hidden: bool = False
 
     # -- before any tensor exists -------------------------------------------------
     def validate(self, plan: "Plan") -> None:

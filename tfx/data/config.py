@@ -28,4 +28,4 @@ class DataConfig:
     max_docs: Optional[int] = None  # cap documents per split (quick experiments on big sets)
     seq_len: int = 256
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    cache_dir: str = "${oc.env:TFX_CACHE_DIR,~/.cache/tfx}"
+    cache_dir: str = "${oc.env:TFX_CACHE_DIR,'~/.cache/tfx'}"  # ~ quoted for OmegaConf

@@ -1,0 +1,4 @@
+from tfx.log.metrics import MetricsWriter, peak_memory_mb, read_jsonl
+from tfx.log.wandb_logger import WandbLogger, wandb_mode
+
+__all__ = ["MetricsWriter", "WandbLogger", "peak_memory_mb", "read_jsonl", "wandb_mode"]

@@ -1,0 +1,64 @@
+"""Weights & Biases logging on rank 0.
+
+Online when an API key is configured (``WANDB_API_KEY`` or a ``wandb login``
+netrc entry), offline otherwise so ``wandb sync <run_dir>/wandb/offline-run-*``
+uploads later; ``logger=none`` switches it off. Choosing the mode explicitly
+matters: W&B with no key and no mode raises instead of falling back.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def wandb_mode(mode: str = "auto") -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode == "auto":
+        return "online" if _has_api_key() else "offline"
+    return mode
+
+
+class WandbLogger:
+    """Thin wrapper so the trainer never imports wandb when logging is off."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, group: Optional[str],
+                 tags: List[str], config: Dict[str, Any], mode: str = "auto",
+                 entity: Optional[str] = None, resume_id: Optional[str] = None) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.mode = wandb_mode(mode)
+        self.run = wandb.init(project=project, entity=entity, name=name, group=group, tags=tags,
+                              config=config, dir=str(run_dir), mode=self.mode,
+                              id=resume_id, resume="allow" if resume_id else None,
+                              reinit="finish_previous")
+        # Summary columns the report also shows: compare runs in the W&B table directly.
+        for key, summary in (("val/loss", "min"), ("val/ppl", "min"), ("train/tokens_per_sec", "mean")):
+            self.run.define_metric(key, summary=summary)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

@@ -1,0 +1,67 @@
+"""Activation checkpointing of transformer blocks: full or selective.
+
+* ``full``: a block keeps only its input; everything inside is recomputed in backward.
+* ``selective``: torch's selective checkpoint contexts save the outputs of the
+  matmuls (and attention) and recompute only the cheap pointwise ops (norms, GELU,
+  residual adds): most of the memory saving for a fraction of the recompute.
+
+Uses ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (what
+torchtitan uses) so wrapped blocks keep working under FSDP2, DDP and compile.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from tfx.core import ConfigError, RunContext, Stage, Technique
+
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full",
+                                   every: int = 1) -> nn.Module:
+    """Wrap every ``every``-th block of ``model.layers`` in place and return the model."""
+    if mode not in ("full", "selective"):
+        raise ConfigError(f"memory.mode={mode!r}; choose 'full' or 'selective'")
+    kwargs = {"preserve_rng_state": True}
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_context
+    for i, (name, block) in enumerate(list(model.layers.items())):
+        if i % every == 0:
+            model.layers[name] = checkpoint_wrapper(block, **kwargs)
+    return model
+
+
+class ActivationCheckpointing(Technique):
+    stage = Stage.MEMORY
+
+    def __init__(self, mode: str = "full", every: int = 1) -> None:
+        if mode not in ("full", "selective"):
+            raise ConfigError(f"memory.mode={mode!r}; choose 'full' or 'selective'")
+        if every < 1:
+            raise ConfigError(f"memory.every={every}; must be >= 1 (1 = every block)")
+        self.mode, self.every = mode, every
+        self.name = f"activation_ckpt_{mode}"
+
+    def apply_to_model(self, model, ctx: RunContext):
+        return apply_activation_checkpointing(model, self.mode, self.every)

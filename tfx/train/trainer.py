@@ -1,0 +1,261 @@
+"""The training loop: accumulation, clipping, evaluation, checkpoints, logging.
+
+Everything technique-specific goes through :class:`tfx.core.Pipeline` hooks; the
+loop itself only knows about micro-steps, optimizer steps and the loss normaliser.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tfx.ckpt import capture_rng, prune_checkpoints, restore_rng, save_checkpoint
+from tfx.core import Pipeline, RunContext, StepInfo, TrainingError
+from tfx.data import BlockLoader, TokenBlocks, eval_batches
+from tfx.log import MetricsWriter, peak_memory_mb
+from tfx.train.loss import IGNORE_INDEX, ce_sum
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    accum_steps: int = 1
+    grad_clip: Optional[float] = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    eval_batch_size: int = 16
+    ckpt_every: int = 100
+    keep_last: int = 2
+    max_bad_steps: int = 3
+    progress: bool = True
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer, scheduler, pipeline: Pipeline,
+                 loader: BlockLoader, val_blocks: TokenBlocks, ctx: RunContext, loop: LoopConfig,
+                 metrics: MetricsWriter, wandb=None, checkpoint_meta: Optional[Dict[str, Any]] = None,
+                 flops_per_token: float = 0.0, peak_flops: Optional[float] = None) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.pipeline, self.loader, self.val_blocks = pipeline, loader, val_blocks
+        self.ctx, self.loop, self.metrics, self.wandb = ctx, loop, metrics, wandb
+        self.meta = checkpoint_meta or {}
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.state = LoopState()
+        self.callbacks: List[Callable[["Trainer"], None]] = []
+        self.last_ckpt: Optional[Path] = None
+        self._stop_reason: Optional[str] = None
+        self._needs_hidden = any(t.needs_hidden for t in pipeline.techniques)
+
+    # -- stopping ------------------------------------------------------------------
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Finish the current step, save a checkpoint, and return from :meth:`fit`."""
+        self._stop_reason = reason
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.request_stop(f"received {signal.Signals(signum).name}")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    # -- one optimizer step ----------------------------------------------------------
+    def _global_norm(self, micro_batches) -> float:
+        n = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        if self.ctx.dp_size > 1:
+            t = torch.tensor([n], dtype=torch.float64, device=self.ctx.device)
+            dist.all_reduce(t)  # over all ranks: each dp replica counts its own tokens
+            n = int(t.item()) * self.ctx.dp_size // dist.get_world_size()
+        return float(n)
+
+    def train_step(self) -> Dict[str, float]:
+        loop, ctx = self.loop, self.ctx
+        micro = [next(self.loader) for _ in range(loop.accum_steps)]
+        norm = self._global_norm(micro)
+        self._tokens_per_step = int(norm)
+        # DDP/FSDP average gradients over dp ranks: undo it so the sum is over tokens.
+        loss_mult = float(ctx.dp_size)
+        self.model.train()
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for i, batch in enumerate(micro):
+            info = StepInfo(self.state.step, i, loop.accum_steps)
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            with self.pipeline.step_context(self.model, info, ctx):
+                out = self.model(batch["input_ids"], return_hidden=self._needs_hidden) \
+                    if self._needs_hidden else self.model(batch["input_ids"])
+                logits, hidden = (out if self._needs_hidden else (out, None))
+                s = ce_sum(logits, batch["labels"])
+                outputs = {"logits": logits, "hidden": hidden, "ce_sum": s, "norm": norm}
+                loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx)
+            self.pipeline.scale_loss(loss * loss_mult).backward()
+            total += loss.detach().double()
+        return self._optimizer_step(total)
+
+    def _optimizer_step(self, total: torch.Tensor) -> Dict[str, float]:
+        """``total``: this rank's share of the objective (sums to the mean over ranks)."""
+        info = StepInfo(self.state.step, self.loop.accum_steps - 1, self.loop.accum_steps)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(total)
+            total /= dist.get_world_size() / self.ctx.dp_size
+        loss = total.item()
+        self.pipeline.before_optimizer_step(self.model, self.optimizer, info, self.ctx)
+        grad_norm = float("nan")
+        if self.loop.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.grad_clip))
+        applied = self._guarded_step(loss if math.isfinite(grad_norm) or not self.loop.grad_clip
+                                     else float("nan"))
+        self.optimizer.zero_grad(set_to_none=True)
+        if applied:
+            self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens_seen += self._tokens_per_step
+        self.pipeline.after_optimizer_step(self.model, StepInfo(self.state.step, 0, self.loop.accum_steps), self.ctx)
+        return {"loss": loss, "grad_norm": grad_norm, "applied": float(applied)}
+
+    def _guarded_step(self, loss: float) -> bool:
+        """Step unless the loss is non-finite; fp16's scaler decides for itself."""
+        prec = next((t for t in self.pipeline.techniques if getattr(t, "skips_nonfinite", False)), None)
+        if prec is None and not math.isfinite(loss):
+            self.state.bad_steps += 1
+            self.state.skipped_steps += 1
+            if self.state.bad_steps >= self.loop.max_bad_steps:
+                where = f"; last good checkpoint: {self.last_ckpt}" if self.last_ckpt else ""
+                raise TrainingError(f"loss was non-finite for {self.state.bad_steps} consecutive steps "
+                                    f"at step {self.state.step}; lower optim.lr or use precision=fp32"
+                                    f"{where}")
+            return False
+        applied = self.pipeline.optimizer_step(self.optimizer)
+        if applied:
+            self.state.bad_steps = 0
+        else:
+            self.state.skipped_steps += 1
+        return applied
+
+    # -- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, blocks: Optional[TokenBlocks] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
+        from tfx.evaluation import evaluate_lm
+
+        info = StepInfo(self.state.step)
+        with self.pipeline.step_context(self.model, info, self.ctx):
+            return evaluate_lm(self.model, blocks or self.val_blocks, self.loop.eval_batch_size,
+                               self.ctx.device, max_batches=max_batches, ctx=self.ctx)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def checkpoint_state(self) -> Dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "techniques": self.pipeline.state_dict(),
+            "technique_order": self.pipeline.order(),
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng(),
+            "loop": {"tokens_seen": self.state.tokens_seen, "skipped_steps": self.state.skipped_steps,
+                     **self.state.extra},
+            **self.meta,
+        }
+
+    def save_checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
+        if not self.ctx.is_main:
+            return None
+        self.last_ckpt = save_checkpoint(self.checkpoint_state(), ckpt_dir, self.state.step)
+        prune_checkpoints(ckpt_dir, self.loop.keep_last)
+        return self.last_ckpt
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restore everything but the model weights' structure (already re-applied)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.pipeline.load_state_dict(state.get("techniques", {}))
+        self.loader.load_state_dict(state["loader"])
+        restore_rng(state["rng"])
+        self.state.step = int(state["step"])
+        self.state.tokens_seen = int(state["loop"].get("tokens_seen", 0))
+        self.state.skipped_steps = int(state["loop"].get("skipped_steps", 0))
+
+    # -- the loop --------------------------------------------------------------------
+    def fit(self, ckpt_dir: Path) -> Dict[str, Any]:
+        loop = self.loop
+        bar = self._progress_bar()
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        step_times: List[float] = []
+        last_eval: Dict[str, float] = {}
+        while self.state.step < loop.max_steps and self._stop_reason is None:
+            t0 = time.perf_counter()
+            tokens_before = self.state.tokens_seen
+            out = self.train_step()
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            window["loss"] += out["loss"] if math.isfinite(out["loss"]) else 0.0
+            window["n"] += 1
+            window["tokens"] += self.state.tokens_seen - tokens_before
+            step = self.state.step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}")
+            if step % loop.log_every == 0 or step == loop.max_steps:
+                self._log_train(window, out, dt)
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            if loop.eval_every and step % loop.eval_every == 0 and step < loop.max_steps:
+                last_eval = self.evaluate(max_batches=loop.eval_batches)
+                self._log({f"val/{k}": v for k, v in last_eval.items()})
+            for cb in self.callbacks:
+                cb(self)
+            healthy = self.state.bad_steps == 0  # never checkpoint inside a non-finite streak
+            if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps and healthy:
+                self.save_checkpoint(ckpt_dir)
+        if bar is not None:
+            bar.close()
+        if self._stop_reason is not None or self.state.step >= loop.max_steps:
+            self.save_checkpoint(ckpt_dir)
+        return {"step_times": step_times, "stopped": self._stop_reason, "last_eval": last_eval}
+
+    def _progress_bar(self):
+        if not (self.loop.progress and self.ctx.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.loop.max_steps, initial=self.state.step, desc="train",
+                    dynamic_ncols=True, mininterval=1.0)
+
+    def _log_train(self, window, out, dt) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        tps = window["tokens"] / elapsed if elapsed > 0 else 0.0
+        m = {"train/loss": window["loss"] / max(1, window["n"]),
+             "train/lr": self.scheduler.get_last_lr()[0],
+             "train/tokens_per_sec": tps,
+             "train/step_time_ms": 1000 * elapsed / max(1, window["n"]),
+             "train/grad_norm": out["grad_norm"],
+             "train/peak_mem_mb": peak_memory_mb(self.ctx.device),
+             "train/tokens_seen": self.state.tokens_seen}
+        if self.flops_per_token:
+            achieved = self.flops_per_token * tps
+            m["train/tflops"] = achieved / 1e12
+            if self.peak_flops:
+                m["train/mfu"] = achieved / self.peak_flops
+        self._log(m)
+
+    def _log(self, metrics: Dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        self.metrics.log(metrics, self.state.step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, self.state.step)
