@@ -23,7 +23,7 @@ from tfx.compression._common import block_linears, pruned_state_dict
 from tfx.compression.distill import check_vocab
 from tfx.compression.prune import to_semi_structured
 from tfx.compression.structured import _head_rows, select_units, shrink
-from tfx.core import ConfigError, Pipeline, RunContext, StepInfo
+from tfx.core import ConfigError, Pipeline, Plan, RunContext, StepInfo
 from tfx.model import GPT, GPTConfig
 
 CTX = RunContext()
@@ -44,12 +44,27 @@ def batch(step, b=8, t=16, vocab=64):
     return {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
 
 
-def train(model, techniques, steps=12, lr=1e-2, ctx=CTX):
-    """The trainer's hook order, in miniature; returns (model, pipeline, optimizer, losses)."""
+def train(model, techniques, steps=12, lr=1e-2, ctx=CTX, resume=None):
+    """The trainer's hook order, in miniature; returns (model, pipeline, optimizer, losses).
+
+    ``resume``: a checkpoint dict; like tfx.train.run.build, technique states are loaded
+    before ``apply_to_model``, then model and optimizer states after it."""
     pipe = Pipeline(techniques)
+    if resume is not None:
+        pipe.load_state_dict(resume["techniques"])
     model = pipe.apply_to_model(model, ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        pipe.load_state_dict(resume["techniques"])
+        return model, pipe, opt, []
     return model, pipe, opt, run_steps(model, pipe, opt, 0, steps, ctx)
+
+
+def checkpoint(model, pipe, opt):
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "techniques": pipe.state_dict()})
 
 
 def run_steps(model, pipe, opt, first, last, ctx=CTX):
@@ -120,14 +135,11 @@ def test_gradual_pruning_hits_target_at_every_point(scope):
 def test_pruning_resume_matches_uninterrupted():
     mk = lambda: MagnitudePruning(sparsity=0.7, schedule="cubic", start_step=0, end_step=8, frequency=2)
     ref_model, ref_pipe, ref_opt, _ = train(tiny(), [mk()], steps=5)
-    ckpt = copy.deepcopy((ref_model.state_dict(), ref_opt.state_dict(), ref_pipe.state_dict()))
+    ckpt = checkpoint(ref_model, ref_pipe, ref_opt)
     run_steps(ref_model, ref_pipe, ref_opt, 5, 10)
     # resume: fresh model, re-apply the technique, then load model, optimizer and technique state
-    model, pipe, opt, _ = train(tiny(seed=1), [mk()], steps=0)
-    model.load_state_dict(ckpt[0])
-    opt.load_state_dict(ckpt[1])
-    pipe.load_state_dict(ckpt[2])
-    assert pipe.techniques[0].current == pytest.approx(ckpt[2]["prune"]["current_sparsity"])
+    model, pipe, opt, _ = train(tiny(seed=1), [mk()], resume=ckpt)
+    assert pipe.techniques[0].current == pytest.approx(ckpt["techniques"]["prune"]["current_sparsity"])
     run_steps(model, pipe, opt, 5, 10)
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
@@ -200,9 +212,11 @@ def test_structured_technique_trains_and_resumes():
     model, pipe, opt, losses = train(tiny(), [tech], steps=10)
     assert losses[-1] < losses[0]
     assert tech.shapes["0"] == {"heads": 1, "d_ff": 96}
-    # resume: re-applying to a fresh model yields the same shapes, so the checkpoint loads
-    again, *_ = train(tiny(seed=5), [StructuredPruning(head_ratio=0.5, neuron_ratio=0.25)], steps=0)
-    again.load_state_dict(model.state_dict())
+    # resume: the saved shapes rebuild a fresh model, so the checkpoint loads (strictly)
+    again, *_ = train(tiny(seed=5), [StructuredPruning(head_ratio=0.5, neuron_ratio=0.25)],
+                      resume=checkpoint(model, pipe, opt))
+    x = batch(0)["input_ids"]
+    torch.testing.assert_close(again(x), model(x))
 
 
 # -- sparse storage -------------------------------------------------------------------------
@@ -319,7 +333,7 @@ def test_distillation_vocab_and_tokenizer_mismatch_is_config_error():
     with pytest.raises(ConfigError, match="tokenizer"):
         check_vocab(64, 64, "bpe:pydocs:4096", "bpe:shakespeare:4096")
     with pytest.raises(ConfigError, match="teacher is required"):
-        Distillation()
+        Distillation().validate(Plan([]))
 
 
 # -- low-rank -----------------------------------------------------------------------------
@@ -344,9 +358,12 @@ def test_lowrank_energy_and_technique(trained):
     x = batch(3)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
-    tech = LowRank(rank_ratio=0.25)
-    model, _, _, losses = train(tiny(), [tech], steps=12)
+    tech = LowRank(energy=0.8, rank_ratio=None)
+    model, pipe, opt, losses = train(tiny(), [tech], steps=12)
     assert losses[-1] < losses[0] and tech.params_after < tech.params_before
+    again, *_ = train(tiny(seed=6), [LowRank(energy=0.8, rank_ratio=None)],
+                      resume=checkpoint(model, pipe, opt))  # weight-dependent ranks rebuilt
+    torch.testing.assert_close(again(x), model(x))
     with pytest.raises(ConfigError):
         LowRank(rank_ratio=0.5, energy=0.9)
 
@@ -372,9 +389,9 @@ def test_every_compression_yaml_instantiates(path):
     if name == "none":
         return
     first = open(path).readline().strip()
-    assert first == f"# @package _group_.{name}"
+    assert first == f"# @package compression.{name}"
     cfg = OmegaConf.load(path)
     if name == "distill":
-        cfg.teacher = "unused"  # a path; loaded only when applied
+        assert cfg.teacher is None  # required, checked by validate()
     tech = instantiate(cfg)
     assert tech.key == name

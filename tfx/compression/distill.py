@@ -26,9 +26,8 @@ from torch import nn
 
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
-from tfx.core.technique import Stage, Technique
-
-IGNORE_INDEX = -100
+from tfx.core.technique import Plan, Stage, Technique
+from tfx.train.loss import IGNORE_INDEX
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -84,21 +83,13 @@ def load_teacher(teacher: str, source: str = "tfx") -> Tuple[nn.Module, int, Opt
     if source == "hub":
         m = _HubTeacher(teacher)
         return m, m.vocab_size, m.tokenizer_id
-    if source != "tfx":
-        raise ConfigError(f"compression.distill.source={source!r}; choose 'tfx' or 'hub'")
-    from tfx.ckpt import load_run
+    from tfx.ckpt import load_checkpoint, load_run
+    from tfx.ckpt.run import find_checkpoint
 
-    m, cfg = load_run(teacher)
-    vocab = getattr(getattr(m, "cfg", None), "vocab_size", None)
-    tok = _get(cfg, "tokenizer_id")
-    return m, _get(cfg, "vocab_size") or vocab, tok
-
-
-def _get(cfg, key):
-    try:
-        return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    except Exception:  # omegaconf raises on missing keys in struct mode
-        return None
+    path = find_checkpoint(teacher)
+    meta = load_checkpoint(path)  # vocab_size / tokenizer_id live next to the weights
+    model, _ = load_run(path)
+    return model, meta.get("vocab_size", model.cfg.vocab_size), meta.get("tokenizer_id")
 
 
 def _width(model: nn.Module) -> int:
@@ -115,6 +106,11 @@ class Distillation(Technique):
     (``source: hub``, needs ``transformers`` and network); an ``nn.Module`` also works
     from Python. ``hidden_weight > 0`` adds hidden-state matching through a learned
     projection (the trainer then passes ``outputs["hidden"]``).
+
+    On resume and in ``tfx.ckpt.load_run`` the technique state is loaded before
+    ``apply_to_model``: the projection is then rebuilt from the saved teacher width
+    and the teacher itself is only loaded when a loss needs it, so evaluating a
+    distilled run never loads its teacher.
     """
 
     name = "distill"
@@ -122,38 +118,57 @@ class Distillation(Technique):
 
     def __init__(self, teacher: Union[str, nn.Module, None] = None, source: str = "tfx",
                  alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0) -> None:
-        if teacher is None:
-            raise ConfigError("compression.distill.teacher is required: the path of a trained "
-                              "(larger) tfx run, e.g. compression.distill.teacher=outputs/big")
         if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0:
             raise ConfigError("compression.distill needs 0 <= alpha <= 1, temperature > 0, "
                               "hidden_weight >= 0")
+        if source not in ("tfx", "hub"):
+            raise ConfigError(f"compression.distill.source={source!r}; choose 'tfx' or 'hub'")
         self.teacher_spec, self.source = teacher, source
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.teacher: Optional[nn.Module] = None
         self.proj: Optional[nn.Module] = None
+        self.teacher_width: Optional[int] = None  # saved, so a reload needs no teacher
 
     @property
     def needs_hidden(self) -> bool:
         return self.hidden_weight > 0
 
+    @property
+    def reapply_on_load(self) -> bool:
+        # Only the projection changes the student's structure (its weights are in
+        # the checkpoint); without it there is nothing to rebuild.
+        return self.needs_hidden
+
+    def validate(self, plan: Plan) -> None:
+        if self.teacher_spec is None:
+            raise ConfigError("compression.distill.teacher is required: the path of a trained "
+                              "(larger) tfx run, e.g. compression.distill.teacher=outputs/big")
+
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        if self.teacher_width is None:  # fresh start: load and check the teacher now
+            self._load_teacher(ctx, model.cfg.vocab_size)
+            self.teacher_width = _width(self.teacher)
+        if self.needs_hidden:
+            model.distill_proj = nn.Linear(model.cfg.d_model, self.teacher_width, bias=False,
+                                           device=ctx.device)
+            self.proj = model.distill_proj
+        return model
+
+    def _load_teacher(self, ctx: RunContext, student_vocab: int) -> None:
+        self.validate(None)
         if isinstance(self.teacher_spec, nn.Module):
             teacher = self.teacher_spec
             vocab, tok = teacher.cfg.vocab_size, getattr(teacher, "tokenizer_id", None)
         else:
             teacher, vocab, tok = load_teacher(self.teacher_spec, self.source)
-        check_vocab(vocab, model.cfg.vocab_size, tok, getattr(ctx, "tokenizer_id", None))
+        check_vocab(vocab, student_vocab, tok, ctx.tokenizer_id)
         self.teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-        if self.needs_hidden:
-            model.distill_proj = nn.Linear(model.cfg.d_model, _width(teacher), bias=False,
-                                           device=ctx.device)
-            self.proj = model.distill_proj
-        return model
 
     def transform_loss(self, loss, batch, outputs, info: StepInfo, ctx: RunContext):
-        idx, targets = batch_inputs(batch)
-        mask = None if targets is None else (targets != IGNORE_INDEX).float()
+        if self.teacher is None:  # resumed run: the teacher is loaded on first use
+            self._load_teacher(ctx, outputs["logits"].shape[-1])
+        idx, targets = batch["input_ids"], batch["labels"]
+        mask = (targets != IGNORE_INDEX).float()
         amp = (torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype)
                if ctx.autocast_dtype is not None else contextlib.nullcontext())
         with torch.no_grad(), amp:
@@ -166,16 +181,8 @@ class Distillation(Technique):
                 outputs["hidden"], t_hidden, self.proj, mask) / norm
         return total
 
+    def state_dict(self):
+        return {"teacher_width": self.teacher_width}
 
-def batch_inputs(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(input ids, targets) of a trainer batch."""
-    if isinstance(batch, (tuple, list)):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    for key in ("input_ids", "x", "inputs", "idx"):
-        if key in batch:
-            idx = batch[key]
-            break
-    else:
-        raise KeyError(f"no input ids in batch keys {list(batch)}")
-    targets = next((batch[k] for k in ("labels", "targets", "y") if k in batch), None)
-    return idx, targets
+    def load_state_dict(self, state) -> None:
+        self.teacher_width = state.get("teacher_width")

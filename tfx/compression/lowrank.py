@@ -55,14 +55,18 @@ def factorize(lin: nn.Linear, rank: Optional[int] = None, rank_ratio: Optional[f
 
 
 def apply_lowrank(model: nn.Module, rank_ratio: Optional[float] = None,
-                  energy: Optional[float] = None) -> Dict[str, int]:
-    """Factorize every block Linear in place; returns the chosen rank per layer."""
-    ranks = {}
+                  energy: Optional[float] = None,
+                  ranks: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Factorize every block Linear in place; returns the chosen rank per layer.
+
+    ``ranks`` (layer name -> rank) overrides the rule, e.g. to rebuild a saved run."""
+    chosen = {}
     for name, lin in block_linears(model):
-        seq = factorize(lin, rank_ratio=rank_ratio, energy=energy)
+        rank = ranks.get(name) if ranks else None
+        seq = factorize(lin, rank=rank, rank_ratio=rank_ratio, energy=energy)
         set_submodule(model, name, seq)
-        ranks[name] = seq[0].out_features
-    return ranks
+        chosen[name] = seq[0].out_features
+    return chosen
 
 
 class LowRank(Technique):
@@ -70,8 +74,8 @@ class LowRank(Technique):
 
     ``from_checkpoint: <run>`` factorizes a trained model (the usual use); without it
     the random initialisation is factorized, i.e. a low-rank model trained from scratch.
-    With ``energy`` the ranks depend on the weights; a resume rebuilds them from the
-    checkpoint's shapes (:func:`tfx.compression.conform_to_state_dict`).
+    The chosen ranks are the technique state: a resume or ``load_run`` (state loaded
+    before ``apply_to_model``) rebuilds exactly those shapes, without the checkpoint.
     """
 
     name = "lowrank"
@@ -87,15 +91,18 @@ class LowRank(Technique):
         self.params_before = self.params_after = 0
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint:
+        if self.from_checkpoint and not self.ranks:  # not when rebuilding a saved run
             load_weights_from_run(model, self.from_checkpoint)
         self.params_before = count_params(model)
-        self.ranks = apply_lowrank(model, self.rank_ratio, self.energy)
+        self.ranks = apply_lowrank(model, self.rank_ratio, self.energy, ranks=self.ranks)
         self.params_after = count_params(model)
         return model
 
     def state_dict(self):
         return {"ranks": self.ranks}
+
+    def load_state_dict(self, state) -> None:
+        self.ranks = dict(state.get("ranks", {}))
 
     def export(self, model, out_dir, ctx) -> Dict[str, float]:
         return {"lowrank/params": self.params_after,

@@ -227,6 +227,7 @@ class MagnitudePruning(_MaskTechnique):
         self.initial = initial_sparsity
         self.from_checkpoint = from_checkpoint
         self.current = 0.0  # the sparsity the masks were last set to (resume state)
+        self.restored = False  # state loaded: weights and masks come from a checkpoint
 
     def target_at(self, step: int) -> Optional[float]:
         if self.schedule == "oneshot":
@@ -235,10 +236,11 @@ class MagnitudePruning(_MaskTechnique):
                               self.frequency, self.initial)
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint:
-            load_weights_from_run(model, self.from_checkpoint)
         install_masks(model)
-        self._maybe_prune(model, 0)
+        if not self.restored:
+            if self.from_checkpoint:
+                load_weights_from_run(model, self.from_checkpoint)
+            self._maybe_prune(model, 0)
         return model
 
     def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
@@ -254,6 +256,7 @@ class MagnitudePruning(_MaskTechnique):
 
     def load_state_dict(self, state) -> None:
         self.current = float(state.get("current_sparsity", 0.0))
+        self.restored = True
 
 
 class NMPruning(_MaskTechnique):
@@ -272,11 +275,14 @@ class NMPruning(_MaskTechnique):
         self.n, self.m, self.at_step = n, m, at_step
         self.from_checkpoint, self.semi_structured = from_checkpoint, semi_structured
         self.done = False
+        self.restored = False
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        install_masks(model)
+        if self.restored:  # masks and weights come from the checkpoint
+            return model
         if self.from_checkpoint:
             load_weights_from_run(model, self.from_checkpoint)
-        install_masks(model)
         if self.at_step == 0:
             nm_prune(model, self.n, self.m)
             self.done = True
@@ -292,6 +298,7 @@ class NMPruning(_MaskTechnique):
 
     def load_state_dict(self, state) -> None:
         self.done = bool(state.get("done", False))
+        self.restored = True
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         metrics = super().export(model, out_dir, ctx)

@@ -9,9 +9,9 @@ config change is needed; the new shapes live in the weights themselves and
 
 Importance is the L2 norm of everything a unit owns: for a head, its q/k/v rows and
 its o_proj columns; for a neuron, its fc row (+ bias) and its proj column. The same
-fraction is removed in every layer, so shapes depend only on the ratios: a resumed
-run that re-applies the technique to a fresh model gets the same shapes and the
-checkpoint loads directly.
+fraction is removed in every layer. The kept counts per layer are the technique
+state, so a resume or ``tfx.ckpt.load_run`` (state loaded before ``apply_to_model``)
+rebuilds the same shapes and the checkpoint loads directly.
 
 torch.nn.utils.prune's ``ln_structured`` only zeroes rows in one tensor; it neither
 couples q/k/v/o nor shrinks anything, so selection and slicing are done here.
@@ -122,16 +122,23 @@ class StructuredPruning(Technique):
         self.params_before = self.params_after = 0
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint:
-            load_weights_from_run(model, self.from_checkpoint)
         self.params_before = count_params(model)
-        prune_structured(model, self.head_ratio, self.neuron_ratio)
+        if self.shapes:  # rebuilding a saved run: its weights are loaded next
+            shrink(model, {layer: {"heads": torch.arange(s["heads"]), "neurons": torch.arange(s["d_ff"])}
+                           for layer, s in self.shapes.items()})
+        else:
+            if self.from_checkpoint:
+                load_weights_from_run(model, self.from_checkpoint)
+            prune_structured(model, self.head_ratio, self.neuron_ratio)
         self.params_after = count_params(model)
         self.shapes = layer_shapes(model)
         return model
 
     def state_dict(self):
         return {"shapes": self.shapes}
+
+    def load_state_dict(self, state) -> None:
+        self.shapes = dict(state.get("shapes", {}))
 
     def export(self, model, out_dir, ctx) -> Dict[str, float]:
         return {"structured/params": self.params_after,
