@@ -1,234 +1,199 @@
 """Compare compression techniques on one small GPT: params, size, speed, perplexity.
 
-    python scripts/bench_compression.py            # full (~10-15 min on 2 CPU cores)
-    python scripts/bench_compression.py --quick    # smoke version (~2 min)
+    python scripts/bench_compression.py            # full (~15 min on 2 otherwise idle CPU cores)
+    python scripts/bench_compression.py --quick    # smoke version (~3 min)
 
-Trains a baseline, then derives every variant through the same tfx techniques that
-``compression=[...]`` uses, with the trainer's hook order (Pipeline.apply_to_model,
-transform_loss, after_optimizer_step, export). Pruning, N:M, structured, QAT and
-low-rank start from the trained baseline and fine-tune for ``--ft-steps``; the row
-"baseline +ft" continues the baseline for the same steps, so quality differences
-are not just extra training. The distilled student trains from scratch for as many
-steps as the baseline (same config and seed), so "baseline" is "the student alone".
+Every variant is a real tfx training run (``tfx.train.run.train`` on a composed
+config, exactly what ``python train.py compression=[...]`` does) on the default
+dataset (Shakespeare; BPE with 1024 tokens so the head does not dominate a small
+model on 2 CPU cores) with a 4-layer, d=96 GPT:
 
-Speed is eager CPU inference (batch x seq tokens through the model, median of
-repeats); it is noisy on a shared machine and says nothing about GPUs. Prints a
-markdown table with ratios to the baseline in every column.
+* baseline: ``--steps`` steps from scratch; it is also "the student trained alone";
+* pruning / 2:4 / structured / QAT / low-rank: ``from_checkpoint=<baseline>`` and
+  ``--ft-steps`` of fine-tuning; the row "baseline +ft" fine-tunes the baseline with
+  the same recipe and nothing removed (prune at sparsity 0), so it is the reference
+  for quality after fine-tuning;
+* PTQ: ``quantize_model`` on the trained baseline (no training);
+* distillation: a ~4x larger teacher trained for ``--steps``, then a student with the
+  baseline's config, steps and seed trained with ``compression=[distill]``.
+
+Measurements use ``tfx.evaluation``: validation perplexity on the same
+``--eval-batches``, and eager inference tokens/s timed round-robin after all
+training (best of several rounds, so that load from other processes hits all
+variants alike). Sizes are the files an inference user would ship: ``.tfxs`` for
+unstructured/2:4 sparsity, torchao's quantized state_dict for int8, a plain
+``torch.save`` state_dict otherwise. Ratios are to the baseline in every column.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import glob
-import math
+import json
 import os
+import platform
 import sys
-import sysconfig
 import tempfile
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from tfx.compression import (Distillation, LowRank, MagnitudePruning, NMPruning, QAT,  # noqa: E402
-                             StructuredPruning, make_permanent, quantize_model, save_sparse)
+from tfx.ckpt import load_run  # noqa: E402
+from tfx.compression import make_permanent, quantize_model, save_sparse  # noqa: E402
 from tfx.compression.quantize import convert_qat, save_quantized  # noqa: E402
-from tfx.core import Pipeline, RunContext, StepInfo, TfxError  # noqa: E402
-from tfx.model import GPT, GPTConfig  # noqa: E402
-
-CTX = RunContext()
-
-
-# -- data -------------------------------------------------------------------------------
-def load_blocks(seq_len: int, max_bytes: int):
-    """(train, val) LongTensors of shape (n, seq_len + 1): byte-level Python stdlib
-    sources, a stand-in for the offline ``pydocs`` default that needs no tokenizer."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    text = b"".join(open(f, "rb").read() for f in files)[:max_bytes]
-    data = torch.from_numpy(np.frombuffer(text, dtype=np.uint8).astype(np.int64))
-    n = len(data) // (seq_len + 1)
-    blocks = data[: n * (seq_len + 1)].view(n, seq_len + 1)
-    blocks = blocks[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
-    n_val = max(n // 20, 8)
-    return blocks[n_val:], blocks[:n_val]
+from tfx.core import TfxError  # noqa: E402
+from tfx.data import prepare_data  # noqa: E402
+from tfx.evaluation import count_params, evaluate_lm, inference_speed, state_dict_bytes  # noqa: E402
+from tfx.train.run import train  # noqa: E402
 
 
-# -- training (the trainer's hook order, in miniature) ------------------------------------
-def train(model, techniques, blocks, steps, lr, batch_size, seed=0):
-    pipe = Pipeline(techniques)
-    model = pipe.apply_to_model(model, CTX)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
-    hidden = any(getattr(t, "needs_hidden", False) for t in pipe.techniques)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        b = blocks[torch.randint(len(blocks), (batch_size,), generator=g)]
-        batch = {"input_ids": b[:, :-1], "labels": b[:, 1:]}
-        info = StepInfo(step=step)
-        with pipe.step_context(model, info, CTX):
-            logits, h = model(batch["input_ids"], return_hidden=True)
-            ce_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-            out = {"logits": logits, "ce_sum": ce_sum, "norm": batch["labels"].numel()}
-            if hidden:
-                out["hidden"] = h
-            loss = pipe.transform_loss(ce_sum / out["norm"], batch, out, info, CTX)
-        pipe.scale_loss(loss).backward()
-        pipe.before_optimizer_step(model, opt, info, CTX)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        pipe.optimizer_step(opt)
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        pipe.after_optimizer_step(model, StepInfo(step=step + 1), CTX)
-    return model.eval(), pipe
+def compose(overrides: List[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from tfx.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(config_name="train", overrides=overrides)
 
 
-# -- measurements ------------------------------------------------------------------------
-@torch.inference_mode()
-def val_ppl(model, val, batch_size=16) -> float:
-    total, n = 0.0, 0
-    for i in range(0, len(val), batch_size):
-        b = val[i:i + batch_size]
-        logits = model(b[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
-        n += b[:, 1:].numel()
-    return math.exp(total / n)
+class Bench:
+    def __init__(self, args) -> None:
+        self.args, self.out = args, Path(args.out or tempfile.mkdtemp(prefix="bench_compression_"))
+        self.t0 = time.time()
+        self.base = ["data.seq_len=128", "data.tokenizer.vocab_size=1024",
+                     "model.n_layer=4", "model.n_head=4", "model.d_model=96",
+                     f"trainer.batch_size={args.batch_size}", "trainer.eval_every=0",
+                     "trainer.ckpt_every=0", "trainer.final_eval_batches=2", "trainer.progress=false",
+                     "logger=none", "optim.lr=3e-3", "optim.warmup_steps=20", "resume=never"]
+        self.data = prepare_data(compose(self.base).data)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def run(self, name: str, *overrides: str, steps: Optional[int] = None) -> Path:
+        cfg = compose(self.base + [f"trainer.max_steps={steps or self.args.steps}", *overrides])
+        train(cfg, self.out / name, data=self.data)
+        self.log(f"trained {name}")
+        return self.out / name
+
+    def finetune(self, name: str, option: str, *overrides: str) -> Path:
+        base = self.out / "baseline"
+        return self.run(name, f"compression=[{option}]", f"compression.{option}.from_checkpoint={base}",
+                        "optim.lr=1e-3", "optim.warmup_steps=0", *overrides, steps=self.args.ft_steps)
 
 
-@torch.inference_mode()
-def measure_speed(rows: List[Dict], models: List, val, batch_size=8, rounds=7) -> None:
-    """Tokens/s of every model, timed round-robin after all training so that load from
-    other processes hits all variants alike; the fastest of ``rounds`` is kept."""
-    x = val[:batch_size, :-1]
-    best = [float("inf")] * len(models)
-    for m in models:
-        m(x)  # warm-up (allocator, torchao kernels)
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            t0 = time.perf_counter()
-            m(x)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    for r, t in zip(rows, best):
-        r["tok_s"] = x.numel() / t
+def measure(bench: Bench, rows: List[Dict]) -> None:
+    """Perplexity now; speed afterwards for all models together."""
+    args = bench.args
+    for r in rows:
+        if "model" in r:
+            m = evaluate_lm(r["model"], bench.data.val, 8, torch.device("cpu"), max_batches=args.eval_batches)
+            r["ppl"] = m["ppl"]
+    bench.log("perplexities")
+    timed = [r for r in rows if "model" in r]
+    for r in timed:
+        r["tok_s"] = 0.0
+    vocab = timed[0]["model"].cfg.vocab_size
+    for _ in range(args.speed_rounds):
+        for r in timed:
+            s = inference_speed(r["model"], 8, 128, vocab, torch.device("cpu"), iters=2, warmup=1)
+            r["tok_s"] = max(r["tok_s"], s["tokens_per_sec"])
+    bench.log("speed")
 
 
-def params(model) -> int:
-    return sum({id(p): p.numel() for p in model.parameters()}.values())
+def sparse_row(name: str, run: Path, note: str) -> Dict:
+    model = make_permanent(load_run(run)[0])
+    nnz = sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values())
+    size = save_sparse(model, run / "bench.tfxs")["bytes"]
+    return {"variant": name, "model": model, "params": nnz, "bytes": size, "note": note}
 
 
-def size_of(model, tmp, kind="pt") -> int:
-    path = os.path.join(tmp, f"m.{'tfxs' if kind == 'sparse' else 'pt'}")
-    if kind == "sparse":
-        return save_sparse(model, path)["bytes"]
-    return save_quantized(model, path)  # torch.save of the state_dict
+def dense_row(name: str, model, note: str = "", nparams: Optional[int] = None, path=None) -> Dict:
+    size = os.path.getsize(path) if path else state_dict_bytes(model)
+    return {"variant": name, "model": model, "params": nparams or count_params(model), "bytes": size,
+            "note": note}
 
 
-def row(name, model, val, tmp, kind="pt", note="", nparams=None) -> Dict:
-    return {"variant": name, "params": nparams or params(model), "bytes": size_of(model, tmp, kind),
-            "ppl": val_ppl(model, val), "note": note, "model": model}
-
-
-# -- the benchmark ---------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--ft-steps", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="few steps, a smoke run")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--ft-steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="1 keeps timings stable on a shared CPU box")
+    ap.add_argument("--eval-batches", type=int, default=10, help="of 8 x 128 tokens")
+    ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="where the runs go (default: a temp dir)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.ft_steps = 20, 10
+        args.steps, args.ft_steps, args.eval_batches, args.speed_rounds = 20, 10, 2, 1
     torch.set_num_threads(args.threads)
-    seq, bs, lr, ft_lr = 128, args.batch_size, 3e-3, 1e-3
-    train_blocks, val = load_blocks(seq, 4_000_000)
-    val = val[:16] if args.quick else val[:96]
-    student_cfg = GPTConfig(vocab_size=256, block_size=seq, n_layer=4, n_head=4, d_model=128)
-    teacher_cfg = GPTConfig(vocab_size=256, block_size=seq, n_layer=4, n_head=8, d_model=256)
-    rows: List[Dict] = []
-    t_start = time.time()
-    tmp = tempfile.mkdtemp()
+    bench = Bench(args)
+    ft, end = args.ft_steps, max(args.ft_steps * 3 // 5, 2)
+    prune_sched = [f"compression.prune.end_step={end}", f"compression.prune.frequency={max(end // 6, 1)}"]
 
-    def fresh(cfg=student_cfg, seed=0):
-        torch.manual_seed(seed)
-        return GPT(cfg)
-
-    def finetune(techniques, steps=args.ft_steps):
-        return train(copy.deepcopy(base), techniques, train_blocks, steps, ft_lr, bs, seed=1)[0]
-
-    def log(msg):
-        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
-
-    base, _ = train(fresh(), [], train_blocks, args.steps, lr, bs)
-    rows.append(row("baseline (fp32)", base, val, tmp))
-    log("baseline")
-    rows.append(row(f"baseline +{args.ft_steps} steps", finetune([]), val, tmp, note="reference for fine-tuned rows"))
-    end = max(args.ft_steps * 3 // 5, 2)
+    base_dir = bench.run("baseline")
+    base = load_run(base_dir)[0]
+    rows = [dense_row("baseline (fp32)", base, "also the student trained alone")]
+    rows.append(dense_row(f"baseline +{ft} ft steps", load_run(bench.finetune(
+        "baseline_ft", "prune", "compression.prune.sparsity=0.0", *prune_sched))[0],
+        "reference for the fine-tuned rows"))
     for s in (0.5, 0.8, 0.9):
-        m = finetune([MagnitudePruning(sparsity=s, schedule="cubic", start_step=0, end_step=end,
-                                       frequency=max(end // 10, 1))])
-        make_permanent(m)
-        nnz = params(m) - sum(int((p == 0).sum()) for p in m.parameters())
-        rows.append(row(f"unstructured {int(s * 100)}% (global)", m, val, tmp, "sparse", nparams=nnz,
-                        note="params = non-zeros; .tfxs bitmask file; dense kernels"))
-        log(f"unstructured {s}")
+        run = bench.finetune(f"prune{int(s * 100)}", "prune", f"compression.prune.sparsity={s}", *prune_sched)
+        rows.append(sparse_row(f"unstructured {int(s * 100)}% (global, cubic)", run,
+                               "params = non-zeros; .tfxs file; dense kernels"))
     for r in (0.25, 0.5):
-        m = finetune([StructuredPruning(head_ratio=r, neuron_ratio=r)])
-        rows.append(row(f"structured {int(r * 100)}% heads+neurons", m, val, tmp))
-        log(f"structured {r}")
-    m = make_permanent(finetune([NMPruning(n=2, m=4)]))
-    nnz = params(m) - sum(int((p == 0).sum()) for p in m.parameters())
-    rows.append(row("2:4 (N:M masks)", m, val, tmp, "sparse", nparams=nnz,
-                    note="dense kernels on CPU; 2:4 kernels need CUDA"))
-    log("2:4")
+        run = bench.finetune(f"structured{int(r * 100)}", "structured",
+                             f"compression.structured.head_ratio={r}", f"compression.structured.neuron_ratio={r}")
+        rows.append(dense_row(f"structured {int(r * 100)}% heads + neurons", load_run(run)[0]))
+    rows.append(sparse_row("2:4 (N:M masks)", bench.finetune("nm24", "nm"),
+                           "dense kernels on CPU (2:4 kernels are CUDA-only)"))
     for scheme in ("int8_dynamic", "int8_weight_only", "int4_weight_only"):
         try:
             q = quantize_model(copy.deepcopy(base), scheme)
-            rows.append(row(f"PTQ {scheme}", q, val, tmp, nparams=params(base)))
+            path = bench.out / f"ptq_{scheme}.pt"
+            save_quantized(q, path)
+            rows.append(dense_row(f"PTQ {scheme}", q, nparams=count_params(base), path=path))
         except TfxError as err:
-            rows.append({"variant": f"PTQ {scheme}", "note": f"unsupported on CPU ({type(err).__name__})"})
-        log(scheme)
-    m = convert_qat(finetune([QAT(scheme="int8")]), "int8")
-    rows.append(row("QAT int8 (+ft)", m, val, tmp, nparams=params(base)))
-    log("qat")
+            rows.append({"variant": f"PTQ {scheme}", "note": f"unsupported on CPU: {type(err).__name__}"})
+    qat_dir = bench.finetune("qat_int8", "qat")
+    rows.append(dense_row("QAT int8 (+ft, converted)", convert_qat(load_run(qat_dir)[0], "int8"),
+                          nparams=count_params(base), path=qat_dir / "model_qat_int8.pt"))
     for ratio in (0.5, 0.25):
-        m = finetune([LowRank(rank_ratio=ratio)])
-        rows.append(row(f"low-rank {ratio:g} rank (+ft)", m, val, tmp))
-        log(f"lowrank {ratio}")
-    teacher, _ = train(fresh(teacher_cfg, seed=1), [], train_blocks, args.steps, lr, bs)
-    rows.append(row("teacher (4x, trained alone)", teacher, val, tmp))
-    log("teacher")
-    student, _ = train(fresh(), [Distillation(teacher=teacher, alpha=0.5, temperature=2.0)],
-                       train_blocks, args.steps, lr, bs)
-    rows.append(row("student distilled from teacher", student, val, tmp,
-                    note=f"same config/steps/seed as baseline = student alone"))
-    log("distill")
-    timed = [r for r in rows if "model" in r]
-    measure_speed(timed, [r.pop("model") for r in timed], val)
-    log("speed")
+        run = bench.finetune(f"lowrank{ratio}", "lowrank", f"compression.lowrank.rank_ratio={ratio}")
+        rows.append(dense_row(f"low-rank {ratio:g} rank (+ft)", load_run(run)[0]))
+    teacher_dir = bench.run("teacher", "model.d_model=192", "model.n_head=8")
+    rows.append(dense_row("teacher (4x blocks, trained alone)", load_run(teacher_dir)[0]))
+    student = bench.run("student_distilled", "compression=[distill]",
+                        f"compression.distill.teacher={teacher_dir}")
+    rows.append(dense_row("student distilled from teacher", load_run(student)[0],
+                          "same config, steps, seed as baseline"))
+    measure(bench, rows)
     print_table(rows, args)
+    (bench.out / "bench.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "model"} for r in rows], indent=2))
 
 
 def print_table(rows: List[Dict], args) -> None:
     base = rows[0]
-    print(f"\nsteps={args.steps} ft_steps={args.ft_steps} batch={args.batch_size}x128 "
-          f"threads={args.threads} torch={torch.__version__}\n")
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, threads={args.threads}; steps={args.steps}, "
+          f"ft_steps={args.ft_steps}, batch={args.batch_size}x128\n")
     print("| variant | params | size (KB) | tokens/s | val ppl | note |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "ppl" not in r:
             print(f"| {r['variant']} | - | - | - | - | {r['note']} |")
             continue
-        cells = [f"{r['params'] / 1e6:.3f}M ({r['params'] / base['params']:.2f}x)",
+        cells = [f"{r['params'] / 1e6:.2f}M ({r['params'] / base['params']:.2f}x)",
                  f"{r['bytes'] / 1024:.0f} ({r['bytes'] / base['bytes']:.2f}x)",
                  f"{r['tok_s']:.0f} ({r['tok_s'] / base['tok_s']:.2f}x)",
-                 f"{r['ppl']:.2f} ({r['ppl'] / base['ppl']:.2f}x)"]
+                 f"{r['ppl']:.1f} ({r['ppl'] / base['ppl']:.2f}x)"]
         print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['note']} |")
 
 

@@ -236,10 +236,10 @@ class MagnitudePruning(_MaskTechnique):
                               self.frequency, self.initial)
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        if self.from_checkpoint and not self.restored:
+            load_weights_from_run(model, self.from_checkpoint)
         install_masks(model)
         if not self.restored:
-            if self.from_checkpoint:
-                load_weights_from_run(model, self.from_checkpoint)
             self._maybe_prune(model, 0)
         return model
 
@@ -278,12 +278,10 @@ class NMPruning(_MaskTechnique):
         self.restored = False
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        install_masks(model)
-        if self.restored:  # masks and weights come from the checkpoint
-            return model
-        if self.from_checkpoint:
+        if self.from_checkpoint and not self.restored:  # else weights come from the checkpoint
             load_weights_from_run(model, self.from_checkpoint)
-        if self.at_step == 0:
+        install_masks(model)
+        if self.at_step == 0 and not self.restored:
             nm_prune(model, self.n, self.m)
             self.done = True
         return model

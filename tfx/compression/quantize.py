@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import count_params, unwrap
+from tfx.compression._common import count_params, load_weights_from_run, unwrap
 from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
@@ -169,18 +169,32 @@ def convert_qat(model: nn.Module, scheme: str = "int8", group_size: int = 32) ->
 
 class QAT(Technique):
     """Fake-quantize the block Linears during training (SURGERY, before the optimizer);
-    export converts a copy to the real quantized model, ``model_qat_<scheme>.pt``."""
+    export converts a copy to the real quantized model, ``model_qat_<scheme>.pt``.
+
+    The usual recipe is ``from_checkpoint: <trained run>`` and a short fine-tune;
+    without it the model trains with fake quantization from scratch.
+    """
 
     name = "qat"
     stage = Stage.SURGERY
 
-    def __init__(self, scheme: str = "int8", group_size: int = 32) -> None:
+    def __init__(self, scheme: str = "int8", group_size: int = 32,
+                 from_checkpoint: Optional[str] = None) -> None:
         if scheme not in QAT_SCHEMES:
             raise ConfigError(f"compression.qat.scheme={scheme!r}; choose one of {', '.join(QAT_SCHEMES)}")
-        self.scheme, self.group_size = scheme, group_size
+        self.scheme, self.group_size, self.from_checkpoint = scheme, group_size, from_checkpoint
+        self.restored = False
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        if self.from_checkpoint and not self.restored:
+            load_weights_from_run(model, self.from_checkpoint)
         return prepare_qat(model, self.scheme, self.group_size)
+
+    def state_dict(self):
+        return {"scheme": self.scheme}
+
+    def load_state_dict(self, state) -> None:
+        self.restored = True
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         fq = copy.deepcopy(unwrap(model)).eval()
