@@ -462,3 +462,30 @@ def test_pruning_resume_through_trainer_matches_uninterrupted(tmp_path, pydocs_d
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert sparsity(resumed.model) == pytest.approx(0.7, abs=1e-3)
+
+
+FROM_CHECKPOINT = {  # options that keep the function, so outputs must match the source run
+    "prune": (["compression.prune.sparsity=0.5"], 1e-6),
+    "structured": (["compression.structured.head_ratio=0.0", "compression.structured.neuron_ratio=0.0"], 1e-6),
+    "lowrank": (["compression.lowrank.rank_ratio=1.0"], 1e-4),
+    "qat": ([], 0.1),
+    "nm": ([], None),
+}
+
+
+@pytest.mark.parametrize("option", sorted(FROM_CHECKPOINT))
+def test_from_checkpoint_starts_from_the_trained_weights(option, tmp_path, pydocs_data):
+    from tfx.ckpt import load_run
+    from tfx.train.run import build, train as run_train
+
+    run_train(_trainer_cfg("trainer.max_steps=2"), tmp_path / "src", data=pydocs_data)
+    src, _ = load_run(tmp_path / "src")
+    overrides, tol = FROM_CHECKPOINT[option]
+    job = build(_trainer_cfg(f"compression=[{option}]", f"compression.{option}.from_checkpoint={tmp_path / 'src'}",
+                             *overrides), tmp_path / "dst", data=pydocs_data)
+    if tol is None:  # N:M changes the function; its dense weights must be the source's
+        torch.testing.assert_close(job.model.layers["0"].mlp.fc.weight_orig, src.layers["0"].mlp.fc.weight)
+        return
+    x = torch.randint(0, src.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(job.model.eval()(x), src(x), atol=tol, rtol=tol)
