@@ -489,3 +489,9 @@ def test_from_checkpoint_starts_from_the_trained_weights(option, tmp_path, pydoc
     x = torch.randint(0, src.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(job.model.eval()(x), src(x), atol=tol, rtol=tol)
+
+
+def test_two_mask_techniques_are_rejected():
+    techs = [MagnitudePruning(), NMPruning()]
+    with pytest.raises(ConfigError, match="choose one"):
+        Pipeline(techs).validate(Plan(techs))

@@ -188,6 +188,9 @@ class _MaskTechnique(Technique):
             raise ConfigError(f"compression={self.name} keeps pruning masks through "
                               "torch.nn.utils.prune, which does not work with FSDP; use "
                               "parallel=ddp or parallel=single")
+        if len(plan.find_all(_MaskTechnique)) > 1:
+            raise ConfigError("compression: prune and nm both set the pruning masks of the same "
+                              "layers; choose one of them")
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         model = unwrap(model)
