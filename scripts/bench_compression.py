@@ -127,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-batches", type=int, default=10, help="of 8 x 128 tokens")
     ap.add_argument("--speed-rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: on a shared 2-core box, 2 threads ran 5-10x slower (spinning)")
     ap.add_argument("--out", default=None, help="where the runs go (default: a temp dir)")
     args = ap.parse_args(argv)
     if args.quick:
