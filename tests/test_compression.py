@@ -18,7 +18,7 @@ from torch.nn.utils import prune
 from tfx.compression import (CompressedExport, Distillation, LowRank, MagnitudePruning, NMPruning,
                              PostTrainingQuant, QAT, StructuredPruning, apply_lowrank, cubic_sparsity,
                              factorize, kd_loss_sum, load_compressed, load_compressed_state,
-                             load_sparse, magnitude_prune, quantize_model, save_compressed,
+                             load_sparse, magnitude_prune, make_permanent, quantize_model, save_compressed,
                              save_sparse, sparsity)
 from tfx.compression._common import block_linears, pruned_state_dict
 from tfx.compression.distill import check_vocab
@@ -152,6 +152,18 @@ def test_oneshot_layer_pruning_and_make_permanent(trained):
     magnitude_prune(model, 0.5, scope="layer")
     for _, m in block_linears(model):
         assert (m.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    make_permanent(model)
+    assert not any(n.endswith(("_orig", "_mask")) for n in model.state_dict())
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_pruning_hooks_train(tmp_path):
+    tech = MagnitudePruning(sparsity=0.5, schedule="cubic", start_step=0, end_step=6, frequency=2)
+    model, _, _, losses = train(tiny(), [tech], steps=12)
+    assert losses[-1] < losses[0]
+    metrics = tech.export(model, tmp_path, CTX)
+    assert metrics["prune/sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert metrics["prune/size_ratio"] < 0.7 and (tmp_path / "model_sparse.tfxs").exists()  # embeddings stay dense
 
 
 # -- N:M -------------------------------------------------------------------------------
