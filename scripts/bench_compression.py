@@ -114,6 +114,7 @@ def sparse_row(name: str, run: Path, note: str) -> Dict:
 
 
 def dense_row(name: str, model, note: str = "", nparams: Optional[int] = None, path=None) -> Dict:
+    model = make_permanent(model)  # ship folded weights, not weight_orig + weight_mask
     size = os.path.getsize(path) if path else state_dict_bytes(model)
     return {"variant": name, "model": model, "params": nparams or count_params(model), "bytes": size,
             "note": note}
@@ -122,11 +123,11 @@ def dense_row(name: str, model, note: str = "", nparams: Optional[int] = None, p
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few steps, a smoke run")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--ft-steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--ft-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-batches", type=int, default=10, help="of 8 x 128 tokens")
-    ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--eval-batches", type=int, default=20, help="of 8 x 128 tokens")
+    ap.add_argument("--speed-rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="1: on a shared 2-core box, 2 threads ran 5-10x slower (spinning)")
     ap.add_argument("--out", default=None, help="where the runs go (default: a temp dir)")

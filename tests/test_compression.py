@@ -388,6 +388,7 @@ def test_compressed_export_round_trip(trained, tmp_path):
     back = load_compressed(tmp_path / "m.tfxz")
     for k in sd:
         assert torch.equal(back[k], sd[k].to(torch.bfloat16)), k
+    assert back["head.weight"].data_ptr() == back["tok_emb.weight"].data_ptr()  # still tied
     assert info["size_ratio"] < 0.55
     info = save_compressed(sd, tmp_path / "m32.tfxz", dtype=None, zstd_level=None)
     assert all(torch.equal(load_compressed(tmp_path / "m32.tfxz")[k], sd[k]) for k in sd)

@@ -29,9 +29,17 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cast(sd: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Cast floating tensors, keeping tensors that share storage (the tied head and
+    embedding) shared, so ``torch.save`` still writes them once."""
     if dtype is None:
         return sd
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    out, cast = {}, {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+            v = cast.setdefault(key, v.to(dtype))
+        out[k] = v
+    return out
 
 
 def save_compressed(state_dict: Dict[str, torch.Tensor], path: Union[str, os.PathLike],
