@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tfx.report.runs import optuna_note  # noqa: E402
 from tfx.report import ReportError, build_report, load_sweep, to_markdown, write_csv, write_plots  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace, command: str) -> Path:
     report = build_report(jobs, baseline=args.baseline)
     out = args.out or Path(args.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(report, command)
+    note = None if args.wandb else optuna_note(args.sweep_dir)
+    markdown = to_markdown(report, command, notes=[note] if note else [])
     (out / "report.md").write_text(markdown)
     write_csv(report, out / "report.csv")
     plots = [] if args.no_plots else write_plots(report, out)

@@ -49,6 +49,7 @@ def plot_trade_off(report: Report, path: Path, x_key: str, x_title: str, higher_
     frontier = sorted((points[i] for i in front), key=lambda p: p[0])
     ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--", color="tab:red", label="Pareto frontier")
     ax.set(xlabel=x_title, ylabel="validation perplexity (lower is better)", title="quality vs cost")
+    ax.ticklabel_format(useOffset=False, style="plain")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

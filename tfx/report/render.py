@@ -69,8 +69,10 @@ def failed_rows(report: Report) -> List[str]:
     return lines
 
 
-def to_markdown(report: Report, command: str, now: Optional[dt.datetime] = None) -> str:
+def to_markdown(report: Report, command: str, now: Optional[dt.datetime] = None,
+                notes: Sequence[str] = ()) -> str:
     lines = [header(command, report, now), ""]
+    lines += [line for note in notes for line in (note, "")]
     if report.common:
         lines += [f"Shared overrides: `{' '.join(report.common)}`. "
                   f"Mean ± std over seeds where n > 1; \"vs base\" = variant / baseline.", ""]

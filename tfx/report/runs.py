@@ -108,3 +108,14 @@ def load_sweep(sweep_dir) -> List[JobRecord]:
                 if (sweep_dir / ".hydra").is_dir() else "")
         raise ReportError(f"no Hydra jobs (*/.hydra/overrides.yaml) under {sweep_dir}{hint}")
     return jobs
+
+
+def optuna_note(sweep_dir) -> Optional[str]:
+    """The best trial of an Optuna sweep (hydra-optuna-sweeper's optimization_results.yaml)."""
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    res = yaml.safe_load(path.read_text()) or {}
+    params = " ".join(f"{k}={v}" for k, v in (res.get("best_params") or {}).items())
+    value = res.get("best_value", res.get("best_values"))
+    return f"Optuna best trial: `{params}` (objective, final val loss: {value})"

@@ -66,8 +66,15 @@ def common_overrides(jobs: Sequence[JobRecord]) -> List[str]:
     return [o for o in jobs[0].variant_overrides if o in shared] if jobs else []
 
 
+def short(override: str) -> str:
+    """``+experiment/accum=bs4_accum4`` -> ``accum=bs4_accum4``: presets' variant groups read
+    like plain overrides in labels."""
+    override = override.lstrip("+~")
+    return override[len("experiment/"):] if override.startswith("experiment/") else override
+
+
 def label_of(job: JobRecord, common: Sequence[str]) -> str:
-    own = [o for o in job.variant_overrides if o not in common]
+    own = [short(o) for o in job.variant_overrides if o not in common]
     return " ".join(own) or "baseline"
 
 
