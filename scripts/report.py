@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tfx.report.runs import optuna_note  # noqa: E402
-from tfx.report import ReportError, build_report, load_sweep, to_markdown, write_csv, write_plots  # noqa: E402
+from tfx.report import ReportError, build_report, load_sweep, to_markdown, write_csv  # noqa: E402
+from tfx.report.plots import write_plots  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

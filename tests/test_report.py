@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tfx.report import JobRecord, ReportError, build_report, load_sweep, pareto_front
+from tfx.report import JobRecord, ReportError, build_report, load_sweep
+from tfx.report.plots import pareto_front
 from tfx.report.wandb_source import load_wandb, split_override_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +116,16 @@ def test_export_size_column_from_compression_summaries():
             _job("1", ["c=prune"], 11.0, 1.0, **{"prune/sparse_bytes": 2 ** 20, "prune/dense_bytes": 2 ** 22})]
     report = build_report(jobs)
     assert report.variants[1].stats["export_mb"].mean == 1.0 and "export_mb" not in report.variants[0].stats
+
+
+def test_wandb_summary_gets_the_report_columns():
+    from types import SimpleNamespace
+    from tfx.log import WandbLogger
+
+    logger = WandbLogger.__new__(WandbLogger)
+    logger.run = SimpleNamespace(summary={})
+    logger.summary({"val_ppl": 3.0, "ptq/int8_dynamic/bytes": 2 ** 21, "prune/dense_bytes": 2 ** 23})
+    assert logger.run.summary["export_mb"] == 2.0 and logger.run.summary["val_ppl"] == 3.0
 
 
 def test_pareto_front():
