@@ -87,10 +87,11 @@ class Trainer:
         loop, ctx = self.loop, self.ctx
         micro = [next(self.loader) for _ in range(loop.accum_steps)]
         norm = self._global_norm(micro)
+        self._tokens_per_step = int(norm)
         # DDP/FSDP average gradients over dp ranks: undo it so the sum is over tokens.
         loss_mult = float(ctx.dp_size)
         self.model.train()
-        total_ce = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for i, batch in enumerate(micro):
             info = StepInfo(self.state.step, i, loop.accum_steps)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
@@ -100,27 +101,29 @@ class Trainer:
                 logits, hidden = (out if self._needs_hidden else (out, None))
                 s = ce_sum(logits, batch["labels"])
                 outputs = {"logits": logits, "hidden": hidden, "ce_sum": s, "norm": norm}
-                loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx) * loss_mult
-            self.pipeline.scale_loss(loss).backward()
-            total_ce += s.detach().double()
-        return self._optimizer_step(total_ce, norm)
+                loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx)
+            self.pipeline.scale_loss(loss * loss_mult).backward()
+            total += loss.detach().double()
+        return self._optimizer_step(total)
 
-    def _optimizer_step(self, total_ce: torch.Tensor, norm: float) -> Dict[str, float]:
+    def _optimizer_step(self, total: torch.Tensor) -> Dict[str, float]:
+        """``total``: this rank's share of the objective (sums to the mean over ranks)."""
         info = StepInfo(self.state.step, self.loop.accum_steps - 1, self.loop.accum_steps)
         if self.ctx.dp_size > 1:
-            dist.all_reduce(total_ce)
-            total_ce /= dist.get_world_size() / self.ctx.dp_size
-        loss = (total_ce / norm).item()
+            dist.all_reduce(total)
+            total /= dist.get_world_size() / self.ctx.dp_size
+        loss = total.item()
         self.pipeline.before_optimizer_step(self.model, self.optimizer, info, self.ctx)
         grad_norm = float("nan")
         if self.loop.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.grad_clip))
-        applied = self._guarded_step(loss)
+        applied = self._guarded_step(loss if math.isfinite(grad_norm) or not self.loop.grad_clip
+                                     else float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += int(norm)
+        self.state.tokens_seen += self._tokens_per_step
         self.pipeline.after_optimizer_step(self.model, StepInfo(self.state.step, 0, self.loop.accum_steps), self.ctx)
         return {"loss": loss, "grad_norm": grad_norm, "applied": float(applied)}
 
@@ -216,7 +219,8 @@ class Trainer:
                 self._log({f"val/{k}": v for k, v in last_eval.items()})
             for cb in self.callbacks:
                 cb(self)
-            if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps:
+            healthy = self.state.bad_steps == 0  # never checkpoint inside a non-finite streak
+            if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps and healthy:
                 self.save_checkpoint(ckpt_dir)
         if bar is not None:
             bar.close()

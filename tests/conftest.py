@@ -1,0 +1,57 @@
+"""Shared fixtures: a session-wide data cache, offline W&B, composed tiny configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tiny and fast: every training test starts from these overrides.
+TINY = ["data=pydocs", "model=tiny", "data.seq_len=32", "trainer.batch_size=4",
+        "trainer.max_steps=6", "trainer.eval_every=0", "trainer.eval_batches=2",
+        "trainer.final_eval_batches=4", "trainer.ckpt_every=0", "trainer.log_every=1",
+        "trainer.progress=false", "logger=none", "optim.warmup_steps=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    cache = os.environ.get("TFX_TEST_CACHE") or str(tmp_path_factory.mktemp("tfx_cache"))
+    os.environ["TFX_CACHE_DIR"] = cache
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.pop("WANDB_API_KEY", None)
+    yield
+
+
+def compose(overrides=(), config_name: str = "train"):
+    """Compose a config from conf/ exactly as train.py would (no run dir)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from tfx.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def tiny(*overrides):
+    return compose(TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def pydocs_data(_isolated_env):
+    from tfx.data import prepare_data
+
+    return prepare_data(tiny().data)
+
+
+def run_cli(args, cwd=ROOT, timeout=300, env=None):
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

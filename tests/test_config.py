@@ -1,0 +1,80 @@
+"""Every config file composes and instantiates; bad configs fail early and clearly."""
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF, compose, tiny
+from tfx.config import build_techniques, check_choices
+from tfx.core import ConfigError, Pipeline, Technique
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(group, option):
+    value = f"[{option}]" if group == "compression" and option != "none" else option
+    cfg = compose([f"{group}={value}"])
+    check_choices(cfg)
+    techniques = build_techniques(cfg)
+    assert all(isinstance(t, Technique) for t in techniques)
+    Pipeline(techniques)  # no duplicates, sortable by stage
+
+
+def test_default_config_values():
+    cfg = compose()
+    assert cfg.trainer.max_steps > 0 and cfg.resume == "auto" and cfg.data.source == "shakespeare"
+    assert [t.describe() for t in build_techniques(cfg)] == ["precision:fp32"]
+
+
+def test_misspelled_key_names_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["trainer.max_stepz=5"])
+    assert "max_stepz" in str(err.value.__cause__ or err.value) or "max_stepz" in str(err.value)
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["trainer.max_steps=lots"])
+    text = f"{err.value} {err.value.__cause__}"
+    assert "max_steps" in text and "lots" in text
+
+
+def test_unknown_option_lists_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["precision=bf17"])
+    text = str(err.value)
+    assert "bf17" in text and "bf16" in text and "fp32" in text
+
+
+def test_unknown_technique_key_names_valid_keys():
+    cfg = compose(["precision=fp16", "+precision.scale_init=3"])
+    with pytest.raises(ConfigError, match=r"precision: unknown key 'scale_init'.*init_scale"):
+        build_techniques(cfg)
+
+
+def test_wrong_technique_value_type():
+    cfg = compose(["memory=activation_ckpt", "memory.every=often"])
+    with pytest.raises(ConfigError, match=r"memory.every='often': expected int"):
+        build_techniques(cfg)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.name=adam", r"optim.name='adam' is not valid; choose one of \['adamw', 'sgd'\]"),
+    ("optim.schedule=step", r"optim.schedule='step'"),
+    ("logger.mode=sometimes", r"logger.mode"),
+])
+def test_invalid_choice_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        check_choices(compose([override]))
+
+
+def test_bad_precision_value():
+    cfg = compose(["precision.dtype=fp8"])
+    with pytest.raises(ConfigError, match=r"precision.dtype='fp8'; choose one of"):
+        build_techniques(cfg)
