@@ -174,6 +174,8 @@ def build_techniques(cfg: DictConfig, groups=TECHNIQUE_GROUPS) -> List[Technique
                 raise
             except Exception as err:
                 cause = err.__cause__ or err
+                if isinstance(cause, ConfigError):  # already names the key and the fix
+                    raise cause from None
                 raise ConfigError(f"{label}: {cause}") from err
             if not isinstance(tech, Technique):
                 raise ConfigError(f"{label}: {node._target_} is not a tfx Technique")
