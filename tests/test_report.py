@@ -113,7 +113,8 @@ def test_seeds_are_averaged_and_baseline_is_fewest_overrides():
 
 def test_export_size_column_from_compression_summaries():
     jobs = [_job("0", ["c=none"], 10.0, 1.0),
-            _job("1", ["c=prune"], 11.0, 1.0, **{"prune/sparse_bytes": 2 ** 20, "prune/dense_bytes": 2 ** 22})]
+            _job("1", ["c=prune"], 11.0, 1.0, **{"prune/sparse_bytes": 2 ** 20, "prune/dense_bytes": 2 ** 22,
+                                                 "mem/grad_bytes": 10, "comm/bytes": 10})]
     report = build_report(jobs)
     assert report.variants[1].stats["export_mb"].mean == 1.0 and "export_mb" not in report.variants[0].stats
 

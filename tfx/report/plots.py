@@ -65,10 +65,12 @@ def plot_loss_curves(report: Report, path: Path) -> bool:
         color = f"C{i % 10}"
         for k, job in enumerate(j for j in v.jobs if j.curve):
             steps, losses = zip(*job.curve)
-            ax.plot(steps, losses, color=color, alpha=0.8, label=v.label if k == 0 else None)
+            ax.plot(steps, losses, color=color, alpha=0.8, label=v.label if k == 0 else None,
+                    marker="o" if len(steps) < 20 else None, ms=3)  # short runs: show the points
             drawn = True
     if drawn:
         ax.set(xlabel="optimizer step", ylabel="train loss", title="training loss (one line per seed)")
+        ax.ticklabel_format(useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -24,11 +24,16 @@ METRICS = (
 SOURCE_KEYS = {"size_mb": "size_on_disk_bytes"}
 
 
+EXPORT_SIZE_KEYS = ("bytes", "sparse_bytes")   # last segment of a compression export's size key
+
+
 def export_bytes(summary: Optional[Dict]) -> Optional[float]:
     """Smallest artefact a compression technique exported (``prune/sparse_bytes``,
-    ``ptq/int8_dynamic/bytes``, ...); its dense counterpart ``*/dense_bytes`` is not one."""
+    ``ptq/int8_dynamic/bytes``, ``compressed_export/bytes``); not ``*/dense_bytes`` nor
+    the ``mem/*_bytes`` and ``comm/*`` measurements of parallel runs."""
     sizes = [v for k, v in (summary or {}).items()
-             if k.endswith("bytes") and "/" in k and not k.endswith("dense_bytes") and isinstance(v, (int, float))]
+             if "/" in k and k.rsplit("/", 1)[1] in EXPORT_SIZE_KEYS
+             and k.split("/", 1)[0] not in ("mem", "comm") and isinstance(v, (int, float))]
     return min(sizes) if sizes else None
 
 
