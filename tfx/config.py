@@ -53,7 +53,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 200
     batch_size: int = 16         # micro-batch per process; global = batch * accum * world
     eval_every: int = 100
     eval_batches: int = 20       # batches per periodic evaluation
@@ -174,6 +174,8 @@ def build_techniques(cfg: DictConfig, groups=TECHNIQUE_GROUPS) -> List[Technique
                 raise
             except Exception as err:
                 cause = err.__cause__ or err
+                if isinstance(cause, ConfigError):  # already names the key and the fix
+                    raise cause from None
                 raise ConfigError(f"{label}: {cause}") from err
             if not isinstance(tech, Technique):
                 raise ConfigError(f"{label}: {node._target_} is not a tfx Technique")

@@ -4,6 +4,7 @@ document, so everything after this module is source-agnostic."""
 from __future__ import annotations
 
 import hashlib
+import glob
 import os
 import shutil
 import subprocess
@@ -166,13 +167,29 @@ def _files(cfg: DataConfig) -> datasets.DatasetDict:
     if not cfg.data_files:
         raise DataError("data.source=files needs data.data_files (a path, glob, list or {split: path})")
     data_files = _expand(cfg.data_files)
+    _check_exist(data_files)
     builder = cfg.file_type or _guess_builder(data_files)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         dd = datasets.load_dataset(builder, data_files=data_files, cache_dir=_hf_cache(cfg), **kwargs)
     except FileNotFoundError as err:
         raise DataError(f"data.data_files {cfg.data_files!r} matched no file ({err})") from err
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise DataError(f"could not read data.data_files {cfg.data_files!r} as {builder}: {cause}") from err
     return _carve(dd, cfg)
+
+
+def _check_exist(data_files) -> None:
+    """Fail on a path or glob that matches nothing, naming it (``datasets`` would
+    otherwise build an empty split and fail later with a schema error)."""
+    patterns = ([data_files] if isinstance(data_files, str) else
+                list(data_files.values()) if isinstance(data_files, dict) else list(data_files))
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            _check_exist(pattern)
+        elif not glob.glob(pattern, recursive=True):
+            raise DataError(f"data.data_files: {pattern!r} matches no file")
 
 
 def _expand(data_files):

@@ -1,0 +1,52 @@
+"""train.py / evaluate.py as a user runs them (subprocesses)."""
+from __future__ import annotations
+
+import json
+
+from conftest import TINY, run_cli
+
+
+def test_multirun_writes_two_summaries_and_two_wandb_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    logger = [a for a in TINY if not a.startswith("logger=")]
+    res = run_cli(["train.py", "-m", *logger, "trainer.max_steps=2", "precision=fp32,bf16",
+                   f"hydra.sweep.dir={sweep}"], env={"WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    names = [json.loads(p.read_text())["run_name"] for p in summaries]
+    assert "precision=fp32" in names[0] and "precision=bf16" in names[1]
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2 and runs[0].parent.parent != runs[1].parent.parent
+
+
+def test_evaluate_writes_eval_json(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli(["train.py", *TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "val loss" in res.stdout and "tokens/s" in res.stdout and str(run_dir) in res.stdout
+    ev = run_cli(["evaluate.py", f"run={run_dir}", "max_batches=2", "speed_batches=2",
+                  f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((run_dir / "eval.json").read_text())
+    for key in ("val_loss", "val_ppl", "test_loss", "test_ppl", "inference_tokens_per_sec",
+                "latency_ms_per_batch", "params", "size_on_disk_bytes"):
+        assert key in result, key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["params"] == summary["params"]
+
+
+def test_user_errors_are_one_line(tmp_path):
+    res = run_cli(["train.py", *TINY, "memory=activation_ckpt", "memory.mode=fast",
+                   f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == "error: memory.mode='fast'; choose 'full' or 'selective'"
+    assert "Traceback" not in res.stderr
+
+    res = run_cli(["train.py", *TINY, "data=files", "data.data_files=/nonexistent/*.txt",
+                   f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error:")
+
+    res = run_cli(["evaluate.py", f"run={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert res.returncode == 2 and "no checkpoint found" in res.stderr
