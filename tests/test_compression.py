@@ -446,13 +446,15 @@ def test_distillation_through_trainer_and_reload(tmp_path, pydocs_data):
     from tfx.ckpt import load_run
     from tfx.train.run import train as run_train
 
-    run_train(_trainer_cfg("model.d_model=128", "model.n_head=4"), tmp_path / "teacher", data=pydocs_data)
+    student_d = _trainer_cfg().model.d_model
+    run_train(_trainer_cfg(f"model.d_model={2 * student_d}", "model.n_head=4"), tmp_path / "teacher",
+              data=pydocs_data)
     cfg = _trainer_cfg("compression=[distill]", f"compression.distill.teacher={tmp_path / 'teacher'}",
                        "compression.distill.hidden_weight=0.5")
     summary = run_train(cfg, tmp_path / "student", data=pydocs_data)
     assert math.isfinite(summary["val_loss"])
     model, _ = load_run(tmp_path / "student")  # rebuilds distill_proj; the teacher is not loaded
-    assert model.distill_proj.weight.shape == (128, 64)
+    assert model.distill_proj.weight.shape == (2 * student_d, student_d)
     bad = _trainer_cfg("compression=[distill]", f"compression.distill.teacher={tmp_path / 'teacher'}",
                        "data.tokenizer.vocab_size=300")
     with pytest.raises(ConfigError, match="tokenizer|vocab"):
