@@ -1,9 +1,8 @@
 """Helpers shared by the compression techniques."""
 from __future__ import annotations
 
-import io
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -51,23 +50,9 @@ def load_weights_from_run(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def file_size(path) -> int:
-    return os.path.getsize(path)
-
-
-def serialized_size(obj) -> int:
-    """Bytes ``torch.save`` would write for ``obj``."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.tell()
-
-
-def unique_params(model: nn.Module) -> Iterator[torch.Tensor]:
-    return iter({id(p): p for p in model.parameters()}.values())
-
-
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in unique_params(model))
+    """Parameters, counting the tied head/embedding once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def pruned_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

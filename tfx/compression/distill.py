@@ -18,7 +18,7 @@ SURGERY (DDP then also averages its gradients). Inference exports drop it
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F

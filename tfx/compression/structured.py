@@ -18,7 +18,7 @@ couples q/k/v/o nor shrinks anything, so selection and slicing are done here.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
