@@ -1,7 +1,7 @@
 """Compare compression techniques on one small GPT: params, size, speed, perplexity.
 
-    python scripts/bench_compression.py            # full (~15 min on 2 otherwise idle CPU cores)
-    python scripts/bench_compression.py --quick    # smoke version (~3 min)
+    python scripts/bench_compression.py            # full: 7 min on 2 CPU cores (more when shared)
+    python scripts/bench_compression.py --quick    # smoke run, ~2 min
 
 Every variant is a real tfx training run (``tfx.train.run.train`` on a composed
 config, exactly what ``python train.py compression=[...]`` does) on the default

@@ -15,6 +15,7 @@ int4_weight_only   int4 groups (tinygemm / mslk kernels)        CUDA only in tor
 from __future__ import annotations
 
 import copy
+import io
 import os
 from typing import Dict, Optional
 
@@ -80,12 +81,10 @@ def save_quantized(model: nn.Module, path) -> int:
     return os.path.getsize(path)
 
 
-def _fp32_size(model: nn.Module, out_dir) -> int:
-    path = os.path.join(out_dir, ".fp32_size.pt")
-    torch.save(model.state_dict(), path)
-    size = os.path.getsize(path)
-    os.remove(path)
-    return size
+def _saved_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -114,12 +113,12 @@ class PostTrainingQuant(Technique):
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         q = quantize_model(_plain_copy(model), self.scheme, self.group_size)
         size = save_quantized(q, os.path.join(out_dir, f"model_{self.scheme}.pt"))
-        dense = _fp32_size(_plain_copy(model), out_dir)
+        dense = _saved_bytes(_plain_copy(model))
         return {f"ptq/{self.scheme}/bytes": size, f"ptq/{self.scheme}/size_ratio": size / dense}
 
 
 def qat_config(scheme: str, group_size: int = 32):
-    """(prepare config, post-convert PTQ config) for a QAT scheme.
+    """(prepare config, convert config, PTQ config applied after convert or None).
 
     ``int8a_int4w`` uses torchao's base-config path (int8 per-token activations, int4
     grouped weights; converted by torchao itself). torchao cannot infer fake-quant
