@@ -50,3 +50,19 @@ def test_user_errors_are_one_line(tmp_path):
 
     res = run_cli(["evaluate.py", f"run={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'e'}"])
     assert res.returncode == 2 and "no checkpoint found" in res.stderr
+
+
+def test_evaluate_reports_exported_compression_variants(tmp_path, pydocs_data):
+    from conftest import tiny
+    from tfx.eval_run import evaluate_run
+    from tfx.train.run import train
+
+    cfg = tiny("trainer.max_steps=2", "compression=[prune,compressed_export]",
+               "compression.prune.schedule=oneshot", "compression.prune.sparsity=0.8")
+    train(cfg, tmp_path, data=pydocs_data)
+    result = evaluate_run(str(tmp_path), batch_size=4, max_batches=2, speed_batches=1,
+                          splits=["validation"])
+    sparse = result["variants"]["sparse (model_sparse.tfxs)"]
+    assert sparse["val_loss"] == result["val_loss"]  # exact round trip of the pruned weights
+    assert sparse["size_on_disk_bytes"] < result["size_on_disk_bytes"]  # embeddings stay dense
+    assert "compressed (model.tfxz)" in result["variants"]

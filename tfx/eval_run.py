@@ -1,15 +1,54 @@
-"""evaluate.py's work: reload a run's newest checkpoint and measure it."""
+"""evaluate.py's work: reload a run's newest checkpoint and measure it, together with
+every compressed artefact the run exported (sparse ``.tfxs``, compressed ``.tfxz``,
+post-training-quantized ``model_<scheme>.pt``), so each sits next to fp32."""
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from torch import nn
+
 from tfx.ckpt import load_run
 from tfx.ckpt.run import find_checkpoint
-from tfx.data import prepare_data
+from tfx.data import TokenData, prepare_data
 from tfx.evaluation import count_params, evaluate_lm, inference_speed, state_dict_bytes
-from tfx.train.build import resolve_device
+from tfx.train.build import build_model, resolve_device
+
+
+def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, device,
+            max_batches: Optional[int], speed_batches: int, splits: List[str]) -> Dict[str, Any]:
+    blocks = {"validation": data.val, "test": data.test}
+    out: Dict[str, Any] = {}
+    for split in splits:
+        m = evaluate_lm(model, blocks[split], batch_size, device, max_batches=max_batches)
+        key = "val" if split == "validation" else split
+        out[f"{key}_loss"], out[f"{key}_ppl"] = m["loss"], m["ppl"]
+    speed = inference_speed(model, batch_size, seq_len, data.vocab_size, device, iters=speed_batches)
+    out.update({"inference_tokens_per_sec": speed["tokens_per_sec"],
+                "latency_ms_per_batch": speed["latency_ms"], "params": count_params(model)})
+    return out
+
+
+def exported_variants(run_dir: Path, model: nn.Module, cfg, vocab_size: int) -> Dict[str, tuple]:
+    """name -> (model rebuilt from the exported file, file path)."""
+    from tfx.compression import load_compressed, load_compressed_state, load_sparse, quantize_model
+
+    def fresh():
+        return build_model(cfg.model, vocab_size, cfg.data.seq_len).to(next(model.parameters()).device)
+
+    found: Dict[str, tuple] = {}
+    for path in sorted(run_dir.glob("*.tfxs")):
+        found[f"sparse ({path.name})"] = (load_compressed_state(fresh(), load_sparse(path)).eval(), path)
+    for path in sorted(run_dir.glob("*.tfxz")):
+        found[f"compressed ({path.name})"] = (load_compressed_state(fresh(), load_compressed(path)).eval(), path)
+    for path in sorted(run_dir.glob("model_*.pt")):
+        m = re.fullmatch(r"model_(int8_dynamic|int8_weight_only|int4_weight_only)\.pt", path.name)
+        if m:  # torchao tensors need a model quantized the same way; re-quantize the weights
+            found[f"ptq {m.group(1)}"] = (quantize_model(copy.deepcopy(model), m.group(1)).eval(), path)
+    return found
 
 
 def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batches: Optional[int] = None,
@@ -17,18 +56,20 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
     ckpt = find_checkpoint(run)
     dev = resolve_device(device)
     model, cfg = load_run(ckpt, device=str(dev))
+    from tfx.compression import make_permanent
+
+    make_permanent(model)  # fold pruning masks: weights are counted once, as plain Linears
     data = prepare_data(cfg.data)
-    blocks = {"validation": data.val, "test": data.test}
-    result: Dict[str, Any] = {"checkpoint": str(ckpt)}
-    for split in splits:
-        m = evaluate_lm(model, blocks[split], batch_size, dev, max_batches=max_batches)
-        key = "val" if split == "validation" else split
-        result[f"{key}_loss"], result[f"{key}_ppl"] = m["loss"], m["ppl"]
-    speed = inference_speed(model, batch_size, cfg.data.seq_len, data.vocab_size, dev, iters=speed_batches)
-    result.update({"inference_tokens_per_sec": speed["tokens_per_sec"],
-                   "latency_ms_per_batch": speed["latency_ms"], "batch_size": batch_size,
-                   "params": count_params(model), "size_on_disk_bytes": state_dict_bytes(model),
-                   "checkpoint_bytes": ckpt.stat().st_size})
+    args = (data, cfg.data.seq_len, batch_size, dev, max_batches, speed_batches, list(splits))
+    result: Dict[str, Any] = {"checkpoint": str(ckpt), "batch_size": batch_size, **measure(model, *args),
+                              "size_on_disk_bytes": state_dict_bytes(model),
+                              "checkpoint_bytes": ckpt.stat().st_size}
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    variants = {}
+    for name, (variant, path) in exported_variants(run_dir, model, cfg, data.vocab_size).items():
+        variants[name] = {**measure(variant, *args), "size_on_disk_bytes": path.stat().st_size,
+                          "file": path.name}
+    if variants:
+        result["variants"] = variants
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -57,8 +57,15 @@ class WandbLogger:
         self.run.log(metrics, step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
+        from tfx.report.table import export_bytes
+
         for k, v in values.items():
             self.run.summary[k] = v
+        # The report's "export MB" column (smallest compressed artefact), so the W&B runs
+        # table can show the same columns: val_ppl, tokens_per_sec, peak_mem_mb, params, export_mb.
+        size = export_bytes(values)
+        if size is not None:
+            self.run.summary["export_mb"] = size / 2 ** 20
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -1,0 +1,311 @@
+"""Unstructured magnitude pruning and N:M (2:4) masks with ``torch.nn.utils.prune``.
+
+Every pruned ``Linear`` carries prune's reparametrisation (``weight_orig`` parameter,
+``weight_mask`` buffer, ``weight = weight_orig * weight_mask`` recomputed before each
+forward). That gives three things for free: pruned weights get zero gradient, so the
+mask survives optimizer steps; the mask is a buffer, so it travels in the model
+state_dict and through checkpoints; DDP broadcasts it like any other buffer.
+
+The reparametrisation is installed once (``prune.identity``) when the technique is
+applied, and schedule points overwrite the mask buffer in place with a mask computed
+by prune's own ``L1Unstructured``. Re-running ``prune.l1_unstructured`` at every
+schedule point would also work, but stacks a ``PruningContainer`` per call, and a
+resumed run (which re-installs fresh reparametrisations, then loads the masks) would
+carry a different hook history than the uninterrupted one.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from tfx.compression._common import block_linears, load_weights_from_run, unwrap
+from tfx.compression.sparse_storage import save_sparse
+from tfx.core.context import RunContext, StepInfo
+from tfx.core.errors import ConfigError
+from tfx.core.technique import Plan, Stage, Technique
+
+
+# -- plain functions -------------------------------------------------------------------
+def install_masks(model: nn.Module) -> List[nn.Linear]:
+    """Give every block Linear an all-ones prune mask (idempotent) and return them."""
+    mods = []
+    for _, m in block_linears(model):
+        if not prune.is_pruned(m):
+            prune.identity(m, "weight")
+        mods.append(m)
+    return mods
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zeros in the prunable (block Linear) weights."""
+    zeros = total = 0
+    for _, m in block_linears(model):
+        w = m.weight_orig * m.weight_mask if prune.is_pruned(m) else m.weight
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / max(total, 1)
+
+
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, amount: float, scope: str = "global") -> float:
+    """Prune the block Linears to ``amount`` sparsity by |w| and return the sparsity.
+
+    ``scope="layer"``: every layer keeps the same fraction (``l1_unstructured``);
+    ``"global"``: one threshold over all layers (``global_unstructured``), so layers
+    with small weights lose more. Masks only grow: weights already pruned stay pruned,
+    which is what makes gradual pruning monotone.
+    """
+    if not 0.0 <= amount < 1.0:
+        raise ConfigError(f"compression.prune.sparsity={amount} must be in [0, 1)")
+    mods = install_masks(model)
+    if scope == "layer":
+        for m in mods:
+            _update_mask(m.weight_mask, m.weight_orig, amount)
+    elif scope == "global":
+        masks = [m.weight_mask for m in mods]
+        flat_mask = torch.cat([x.flatten() for x in masks])
+        flat_w = torch.cat([m.weight_orig.detach().flatten() for m in mods])
+        _update_mask(flat_mask, flat_w, amount)
+        for mask, new in zip(masks, flat_mask.split([x.numel() for x in masks])):
+            mask.copy_(new.view_as(mask))
+    else:
+        raise ConfigError(f"compression.prune.scope={scope!r}; choose 'global' or 'layer'")
+    _refresh(mods)
+    return sparsity(model)
+
+
+def _refresh(mods: List[nn.Linear]) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` now rather than at the next
+    forward (what prune's forward-pre-hook does), so reads in between are not stale."""
+    for m in mods:
+        m.weight = m.weight_orig * m.weight_mask
+
+
+def _update_mask(mask: torch.Tensor, weight: torch.Tensor, amount: float) -> None:
+    """Prune the smallest still-unpruned weights until ``round(amount * n)`` are zero,
+    using prune's ``L1Unstructured`` on the unpruned entries only."""
+    already = int((mask == 0).sum())
+    extra = round(amount * mask.numel()) - already
+    if extra <= 0:
+        return
+    keep = mask.flatten().bool()
+    sub = prune.L1Unstructured(amount=extra).compute_mask(
+        weight.flatten()[keep], default_mask=torch.ones_like(weight.flatten()[keep]))
+    flat = mask.flatten().clone()
+    flat[keep] = sub.to(mask.dtype)
+    mask.copy_(flat.view_as(mask))
+
+
+def cubic_sparsity(step: int, final: float, start_step: int, end_step: int,
+                   frequency: int, initial: float = 0.0) -> Optional[float]:
+    """Zhu & Gupta (2017): ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3``.
+
+    Returns the target at a schedule point (``t0, t0 + dt, ...`` and ``end_step``)
+    and None between points or outside ``[start_step, end_step]``.
+    """
+    if step < start_step or step > end_step:
+        return None
+    if (step - start_step) % frequency and step != end_step:
+        return None
+    span = max(end_step - start_step, 1)
+    frac = min((step - start_step) / span, 1.0)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold masks into the weights (``prune.remove``): plain Linears with zeros."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Linear) and prune.is_pruned(m):
+            prune.remove(m, "weight")
+    return model
+
+
+class NMUnstructured(prune.BasePruningMethod):
+    """Keep the ``n`` largest |w| in every group of ``m`` consecutive inputs of a row.
+
+    This is the layout of NVIDIA's 2:4 semi-structured sparsity (groups run along the
+    reduction dimension, i.e. along each row of ``weight``), so the mask can be handed
+    to ``to_sparse_semi_structured`` unchanged. prune has no N:M method; subclassing
+    ``BasePruningMethod`` is its documented extension point.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, n: int = 2, m: int = 4) -> None:
+        if not 0 < n < m:
+            raise ConfigError(f"N:M pruning needs 0 < n < m, got n={n}, m={m}")
+        self.n, self.m = n, m
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        if t.shape[-1] % self.m:
+            raise ConfigError(f"N:M pruning needs in_features divisible by m={self.m}, "
+                              f"got a weight of shape {tuple(t.shape)}")
+        groups = (t * default_mask).abs().reshape(-1, self.m)
+        keep = groups.topk(self.n, dim=1).indices
+        mask = torch.zeros_like(groups).scatter_(1, keep, 1.0)
+        return mask.reshape(t.shape) * default_mask
+
+
+@torch.no_grad()
+def nm_prune(model: nn.Module, n: int = 2, m: int = 4) -> float:
+    """Give every block Linear an N:M mask from its current magnitudes."""
+    method = NMUnstructured(n, m)
+    mods = install_masks(model)
+    for mod in mods:
+        mod.weight_mask.copy_(method.compute_mask(mod.weight_orig, torch.ones_like(mod.weight_mask)))
+    _refresh(mods)
+    return sparsity(model)
+
+
+def to_semi_structured(model: nn.Module) -> nn.Module:
+    """Swap 2:4-masked weights for ``SparseSemiStructuredTensor`` (CUDA, sm80+, fp16/bf16).
+
+    Only the inference copy is converted; training keeps the dense masked weights.
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        raise ConfigError("2:4 sparse kernels need a CUDA GPU with compute capability >= 8.0; "
+                          "on CPU the 2:4 model is exported as a masked dense model")
+    make_permanent(model)
+    for _, mod in block_linears(model):
+        mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()),
+                                  requires_grad=False)
+    return model
+
+
+# -- techniques ---------------------------------------------------------------------
+class _MaskTechnique(Technique):
+    stage = Stage.SURGERY
+
+    def validate(self, plan: Plan) -> None:
+        # FSDP2 shards parameters into DTensors; prune's forward-pre-hook would then
+        # multiply a sharded weight_orig by an unsharded mask.
+        if any("fsdp" in t.key.lower() for t in plan.techniques):
+            raise ConfigError(f"compression={self.name} keeps pruning masks through "
+                              "torch.nn.utils.prune, which does not work with FSDP; use "
+                              "parallel=ddp or parallel=single")
+        if len(plan.find_all(_MaskTechnique)) > 1:
+            raise ConfigError("compression: prune and nm both set the pruning masks of the same "
+                              "layers; choose one of them")
+
+    def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
+        model = unwrap(model)
+        path = f"{out_dir}/model_sparse.tfxs"
+        info = save_sparse(model, path)
+        return {f"{self.name}/sparsity": sparsity(model), f"{self.name}/sparse_bytes": info["bytes"],
+                f"{self.name}/dense_bytes": info["dense_bytes"],
+                f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
+
+
+class MagnitudePruning(_MaskTechnique):
+    """Unstructured magnitude pruning of the block Linears to ``sparsity``.
+
+    ``schedule="oneshot"`` prunes once at ``start_step`` (0: when applied, e.g. right
+    after ``from_checkpoint`` loads a trained model); ``"cubic"`` follows Zhu & Gupta
+    from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``,
+    updating every ``frequency`` optimizer steps. The model keeps training between
+    and after schedule points, which is what recovers the accuracy.
+    """
+
+    name = "prune"
+
+    def __init__(self, sparsity: float = 0.5, scope: str = "global", schedule: str = "cubic",
+                 start_step: int = 0, end_step: int = 1000, frequency: int = 100,
+                 initial_sparsity: float = 0.0, from_checkpoint: Optional[str] = None) -> None:
+        if schedule not in ("oneshot", "cubic"):
+            raise ConfigError(f"compression.prune.schedule={schedule!r}; choose 'oneshot' or 'cubic'")
+        if scope not in ("global", "layer"):
+            raise ConfigError(f"compression.prune.scope={scope!r}; choose 'global' or 'layer'")
+        if not 0.0 <= initial_sparsity <= sparsity < 1.0:
+            raise ConfigError("compression.prune needs 0 <= initial_sparsity <= sparsity < 1")
+        if schedule == "cubic" and (end_step <= start_step or frequency < 1):
+            raise ConfigError("compression.prune.schedule=cubic needs end_step > start_step "
+                              "and frequency >= 1")
+        self.target, self.scope, self.schedule = sparsity, scope, schedule
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self.initial = initial_sparsity
+        self.from_checkpoint = from_checkpoint
+        self.current = 0.0  # the sparsity the masks were last set to (resume state)
+        self.restored = False  # state loaded: weights and masks come from a checkpoint
+
+    def target_at(self, step: int) -> Optional[float]:
+        if self.schedule == "oneshot":
+            return self.target if step == self.start_step else None
+        return cubic_sparsity(step, self.target, self.start_step, self.end_step,
+                              self.frequency, self.initial)
+
+    def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        if self.from_checkpoint and not self.restored:
+            load_weights_from_run(model, self.from_checkpoint)
+        install_masks(model)
+        if not self.restored:
+            self._maybe_prune(model, 0)
+        return model
+
+    def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
+        self._maybe_prune(model, info.step)
+
+    def _maybe_prune(self, model: nn.Module, step: int) -> None:
+        s = self.target_at(step)
+        if s is not None and s > 0:
+            self.current = magnitude_prune(unwrap(model), s, self.scope)
+
+    def state_dict(self):
+        return {"current_sparsity": self.current}
+
+    def load_state_dict(self, state) -> None:
+        self.current = float(state.get("current_sparsity", 0.0))
+        self.restored = True
+
+
+class NMPruning(_MaskTechnique):
+    """N:M (default 2:4) semi-structured masks, set from magnitudes at ``at_step``
+    (0: when applied) and fixed afterwards while training goes on.
+
+    Trains and exports anywhere (a masked dense model); ``semi_structured=True``
+    additionally exports a ``to_sparse_semi_structured`` copy on a capable CUDA GPU.
+    """
+
+    name = "nm"
+
+    def __init__(self, n: int = 2, m: int = 4, at_step: int = 0,
+                 from_checkpoint: Optional[str] = None, semi_structured: bool = False) -> None:
+        NMUnstructured(n, m)  # validates n, m
+        self.n, self.m, self.at_step = n, m, at_step
+        self.from_checkpoint, self.semi_structured = from_checkpoint, semi_structured
+        self.done = False
+        self.restored = False
+
+    def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        if self.from_checkpoint and not self.restored:  # else weights come from the checkpoint
+            load_weights_from_run(model, self.from_checkpoint)
+        install_masks(model)
+        if self.at_step == 0 and not self.restored:
+            nm_prune(model, self.n, self.m)
+            self.done = True
+        return model
+
+    def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
+        if not self.done and info.step >= self.at_step:
+            nm_prune(unwrap(model), self.n, self.m)
+            self.done = True
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state) -> None:
+        self.done = bool(state.get("done", False))
+        self.restored = True
+
+    def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
+        metrics = super().export(model, out_dir, ctx)
+        if self.semi_structured and torch.cuda.is_available():
+            import copy
+            sparse = to_semi_structured(copy.deepcopy(unwrap(model)).half().cuda())
+            torch.save(sparse.state_dict(), f"{out_dir}/model_2to4.pt")
+        return metrics
+

@@ -1,0 +1,66 @@
+"""Load compressed weights into a freshly built model.
+
+Structured pruning and low-rank change layer shapes, pruning adds ``weight_orig`` /
+``weight_mask``, distillation adds ``distill_proj``. Rather than storing a second
+description of the architecture, the shapes are read back from the state_dict itself,
+so any checkpoint (or ``.tfxs`` / compressed export) rebuilds without the technique
+that produced it. This is what evaluate.py and ``load_run`` call before
+``load_state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from tfx.compression._common import block_linears, pruned_state_dict, set_submodule
+
+TRAINING_ONLY_PREFIXES = ("distill_proj.",)
+
+
+def _weight_shape(sd: Dict[str, torch.Tensor], prefix: str) -> Optional[torch.Size]:
+    w = sd.get(prefix + "weight", sd.get(prefix + "weight_orig"))
+    return None if w is None else w.shape
+
+
+def _linear(shape, bias: bool, like: nn.Linear) -> nn.Linear:
+    w = like.weight
+    return nn.Linear(shape[1], shape[0], bias=bias, device=w.device, dtype=w.dtype)
+
+
+@torch.no_grad()
+def conform_to_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild the block Linears of ``model`` to the shapes and reparametrisations in
+    ``sd`` (shrunken, factorized as ``<name>.0``/``<name>.1``, pruned); returns it."""
+    for name, lin in block_linears(model):
+        first = _weight_shape(sd, f"{name}.0.")
+        if first is not None:  # factorized
+            second = _weight_shape(sd, f"{name}.1.")
+            bias = f"{name}.1.bias" in sd
+            seq = nn.Sequential(_linear(first, False, lin), _linear(second, bias, lin))
+            set_submodule(model, name, seq)
+            continue
+        shape = _weight_shape(sd, f"{name}.")
+        if shape is not None and shape != lin.weight.shape:
+            lin = _linear(shape, f"{name}.bias" in sd, lin)
+            set_submodule(model, name, lin)
+    for name, lin in block_linears(model):
+        if f"{name}.weight_orig" in sd and not prune.is_pruned(lin):
+            prune.identity(lin, "weight")
+    return model
+
+
+def inference_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Fold pruning masks into the weights and drop training-only modules."""
+    return {k: v for k, v in pruned_state_dict(sd).items()
+            if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
+def load_compressed_state(model: nn.Module, sd: Dict[str, torch.Tensor]) -> nn.Module:
+    """``conform_to_state_dict`` + strict ``load_state_dict`` of the inference weights."""
+    sd = inference_state_dict(sd)
+    conform_to_state_dict(model, sd)
+    model.load_state_dict(sd)
+    return model
