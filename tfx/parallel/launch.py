@@ -82,15 +82,16 @@ def _has_cuda() -> bool:
 
 def _worker(cfg_yaml: str, run_dir: str, run_name: Optional[str], group: Optional[str]) -> Dict[str, Any]:
     """Entry point of every worker process (module level so ``spawn`` can pickle it)."""
+    from tfx.train import distributed
     from tfx.train.run import train
 
     cfg = OmegaConf.create(cfg_yaml)
-    try:
-        return train(cfg, run_dir, run_name=run_name, group=group)
-    finally:
-        from tfx.train import distributed
-
-        distributed.destroy()
+    summary = train(cfg, run_dir, run_name=run_name, group=group)
+    # Only on success: after an error the process exits at once, so it is the first
+    # failure the agent sees (tearing the group down first would let a peer fail
+    # with "connection closed" before the real error is recorded).
+    distributed.destroy()
+    return summary
 
 
 def launch(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Optional[str] = None,
@@ -126,14 +127,29 @@ class WorkerFailed(RuntimeError):
 
     @classmethod
     def from_child_failure(cls, err) -> "WorkerFailed":
-        rank, failure = err.get_first_failure()
-        msg = failure.message
-        if isinstance(msg, dict):  # error file written by @record: {"message": ..., "extraInfo": ...}
-            msg = msg.get("message", msg)
-        if not msg or msg == "<N/A>" or msg == "<NONE>":
-            msg = f"exit code {failure.exitcode} (see its output above)"
-        lines = str(msg).strip().splitlines() or [""]
+        """The root cause: the earliest failure; within the same second (error-file
+        timestamps are whole seconds) one that is not a peer noticing the crash."""
+        rank, failure = min(err.failures.items(),
+                            key=lambda kv: (kv[1].timestamp, _is_peer_symptom(_message(kv[1])), kv[0]))
+        msg = _message(failure) or f"exit code {failure.exitcode} (see its output above)"
+        lines = msg.strip().splitlines() or [""]
         return cls(rank, lines[0][:500] + (" ..." if len(lines) > 1 or len(lines[0]) > 500 else ""))
+
+
+#: How a rank reports that *another* rank died (gloo, NCCL, the c10d store).
+_PEER_SYMPTOMS = ("closed by peer", "remote worker", "reset by peer", "Broken pipe", "aborted",
+                  "timed out", "Timeout")
+
+
+def _message(failure) -> str:
+    msg = failure.message
+    if isinstance(msg, dict):  # error file: {"message": ..., "extraInfo": ...}
+        msg = msg.get("message", "")
+    return "" if msg in (None, "<N/A>", "<NONE>") else str(msg)
+
+
+def _is_peer_symptom(message: str) -> bool:
+    return any(s in message for s in _PEER_SYMPTOMS)
 
 
 class _threads_per_worker:
