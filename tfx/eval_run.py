@@ -51,6 +51,13 @@ def exported_variants(run_dir: Path, model: nn.Module, cfg, vocab_size: int) -> 
     return found
 
 
+def _disk_bytes(path: Path) -> int:
+    """A file's size, or the total of a sharded (DCP) checkpoint directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batches: Optional[int] = None,
                  speed_batches: int = 10, splits: List[str] = ("validation", "test")) -> Dict[str, Any]:
     ckpt = find_checkpoint(run)
@@ -63,7 +70,7 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
     args = (data, cfg.data.seq_len, batch_size, dev, max_batches, speed_batches, list(splits))
     result: Dict[str, Any] = {"checkpoint": str(ckpt), "batch_size": batch_size, **measure(model, *args),
                               "size_on_disk_bytes": state_dict_bytes(model),
-                              "checkpoint_bytes": ckpt.stat().st_size}
+                              "checkpoint_bytes": _disk_bytes(ckpt)}
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     variants = {}
     for name, (variant, path) in exported_variants(run_dir, model, cfg, data.vocab_size).items():
