@@ -53,7 +53,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 160
     batch_size: int = 16         # micro-batch per process; global = batch * accum * world
     eval_every: int = 100
     eval_batches: int = 20       # batches per periodic evaluation
