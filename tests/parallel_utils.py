@@ -3,10 +3,12 @@ process or on N gloo workers through tfx's own launcher, read back what it wrote
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -25,6 +27,17 @@ def shared_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "tfx-cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def parallel_env(tmp_path_factory):
+    """Module-wide env for worker processes: the shared data cache, offline W&B."""
+    old = {k: os.environ.get(k) for k in ("TFX_CACHE_DIR", "WANDB_MODE")}
+    os.environ["TFX_CACHE_DIR"] = str(shared_cache(tmp_path_factory))
+    os.environ["WANDB_MODE"] = "offline"
+    yield
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def make_cfg(run_dir: Path, *overrides: str):

@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, crash safety, clear errors."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_cli, tiny
-from tfx.ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from tfx.ckpt import latest_checkpoint, load_checkpoint
 from tfx.core import CheckpointError
 from tfx.train.run import build
 

@@ -6,22 +6,13 @@ step and the final weights after four AdamW steps must agree.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from parallel_utils import interrupt_after, shared_cache, assert_same_training, run_single, run_workers, train_log
+from parallel_utils import parallel_env, interrupt_after, assert_same_training, run_single, run_workers, train_log  # noqa: F401 (fixture)
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("TFX_CACHE_DIR", "WANDB_MODE")}
-    os.environ["TFX_CACHE_DIR"] = str(shared_cache(tmp_path_factory))
-    os.environ["WANDB_MODE"] = "offline"
-    yield
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+pytestmark = pytest.mark.usefixtures("parallel_env")
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,12 @@
 test_parallel.py, next to the DDP run it reuses)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from parallel_utils import interrupt_after, shared_cache, assert_same_training, final_weights, run_single, run_workers
+from parallel_utils import parallel_env, interrupt_after, assert_same_training, final_weights, run_single, run_workers  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("TFX_CACHE_DIR", "WANDB_MODE")}
-    os.environ["TFX_CACHE_DIR"] = str(shared_cache(tmp_path_factory))
-    os.environ["WANDB_MODE"] = "offline"
-    yield
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+pytestmark = pytest.mark.usefixtures("parallel_env")
 
 
 @pytest.fixture(scope="module")

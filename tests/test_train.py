@@ -140,3 +140,16 @@ def test_fp16_scaler_skips_nonfinite_steps(tmp_path, pydocs_data):
     assert any(not torch.equal(a, b) for a, b in zip(before, after_good))
     assert all(torch.equal(a, p) for a, p in zip(after_good, job.model.parameters()))
     assert job.trainer.state.skipped_steps == 1
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_peak_memory_is_per_job():
+    """Multirun jobs share one process: each job's peak must not include the last one's."""
+    from tfx.log import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20 // 4 * 8)  # 512 MiB, touched
+    del big
+    high = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 400

@@ -13,10 +13,33 @@ from typing import Any, Dict, List, Optional
 import torch
 
 
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: several Hydra jobs can share one process (multirun), and
+    ``ru_maxrss`` never goes down. On Linux, writing 5 to ``/proc/self/clear_refs``
+    resets the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then covers the whole process
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: max allocated on CUDA, peak RSS on CPU."""
+    """Peak memory since :func:`reset_peak_memory`: max allocated on CUDA, peak RSS
+    (VmHWM) on CPU; ``ru_maxrss`` (whole process lifetime) where /proc is missing."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

@@ -10,8 +10,6 @@ torchtitan uses) so wrapped blocks keep working under FSDP2, DDP and compile.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -19,7 +19,7 @@ from tfx.core import CheckpointError, Pipeline, Plan, RunContext, Technique
 from tfx.core.technique import structural_order
 from tfx.data import BlockLoader, TokenData, prepare_data
 from tfx.evaluation import count_params
-from tfx.log import MetricsWriter, WandbLogger, peak_memory_mb
+from tfx.log import MetricsWriter, WandbLogger, peak_memory_mb, reset_peak_memory
 from tfx.optim import build_optimizer, build_scheduler
 from tfx.train import distributed
 from tfx.train.build import autocast_dtype, build_model, config_dict, resolve_device, seed_everything
@@ -143,6 +143,7 @@ def train(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Optio
           data: Optional[TokenData] = None) -> Dict[str, Any]:
     """Run one job; return (and on rank 0 write) the summary."""
     start = time.perf_counter()
+    reset_peak_memory(resolve_device(cfg.trainer.device))  # multirun jobs share a process
     job = build(cfg, run_dir, data=data)
     ctx, trainer = job.ctx, job.trainer
     wandb = _start_wandb(cfg, job, run_name, group) if ctx.is_main else None
