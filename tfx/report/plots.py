@@ -50,6 +50,10 @@ def plot_trade_off(report: Report, path: Path, x_key: str, x_title: str, higher_
     ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--", color="tab:red", label="Pareto frontier")
     ax.set(xlabel=x_title, ylabel="validation perplexity (lower is better)", title="quality vs cost")
     ax.ticklabel_format(useOffset=False, style="plain")
+    ys = [p[1] for p in points]
+    mid, spread = (max(ys) + min(ys)) / 2, max(ys) - min(ys)
+    if spread < 0.01 * abs(mid):  # equal quality: show +-1% instead of float round-off
+        ax.set_ylim(mid - 0.01 * abs(mid), mid + 0.01 * abs(mid))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
