@@ -92,7 +92,6 @@ class Trainer:
         loop, ctx = self.loop, self.ctx
         micro = [next(self.loader) for _ in range(loop.accum_steps)]
         norm = self._global_norm(micro)
-        self._tokens_per_step = int(norm)
         # DDP/FSDP average gradients over dp ranks: undo it so the sum is over tokens.
         loss_mult = float(ctx.dp_size)
         self.model.train()
@@ -107,7 +106,7 @@ class Trainer:
             else:
                 loss = self._forward_backward(batch, norm, loss_mult, info)
             total += _plain(loss.detach()).double()
-        return self._optimizer_step(total)
+        return self._optimizer_step(total, int(norm))
 
     def _forward_backward(self, batch, norm: float, loss_mult: float, info: StepInfo) -> torch.Tensor:
         """One micro-step; returns its share of the objective (before ``loss_mult``)."""
@@ -123,8 +122,9 @@ class Trainer:
             self.pipeline.scale_loss(loss * loss_mult).backward()
         return loss
 
-    def _optimizer_step(self, total: torch.Tensor) -> Dict[str, float]:
-        """``total``: this rank's share of the objective (sums to the mean over ranks)."""
+    def _optimizer_step(self, total: torch.Tensor, tokens: int) -> Dict[str, float]:
+        """``total``: this rank's share of the objective (sums to the mean over ranks);
+        ``tokens``: target tokens in the whole global batch."""
         info = StepInfo(self.state.step, self.loop.accum_steps - 1, self.loop.accum_steps)
         if self.ctx.dp_size > 1:
             dist.all_reduce(total)
@@ -140,7 +140,7 @@ class Trainer:
         if applied:
             self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += self._tokens_per_step
+        self.state.tokens_seen += tokens
         self.pipeline.after_optimizer_step(self.model, StepInfo(self.state.step, 0, self.loop.accum_steps), self.ctx)
         return {"loss": loss, "grad_norm": grad_norm, "applied": float(applied)}
 
