@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -185,7 +185,3 @@ def build_techniques(cfg: DictConfig, groups=TECHNIQUE_GROUPS) -> List[Technique
 
         techniques.append(Compile())
     return techniques
-
-
-def to_container(cfg: DictConfig) -> Dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -67,6 +67,9 @@ class Trainer:
         self.last_ckpt: Optional[Path] = None
         self._stop_reason: Optional[str] = None
         self._needs_hidden = any(t.needs_hidden for t in pipeline.techniques)
+        # fp16's GradScaler skips non-finite steps itself (the scaler exists by now:
+        # techniques were applied to the model before the trainer is built)
+        self._scaler_skips = any(getattr(t, "skips_nonfinite", False) for t in pipeline.techniques)
 
     # -- stopping ------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -146,8 +149,7 @@ class Trainer:
 
     def _guarded_step(self, loss: float) -> bool:
         """Step unless the loss is non-finite; fp16's scaler decides for itself."""
-        prec = next((t for t in self.pipeline.techniques if getattr(t, "skips_nonfinite", False)), None)
-        if prec is None and not math.isfinite(loss):
+        if not self._scaler_skips and not math.isfinite(loss):
             self.state.bad_steps += 1
             self.state.skipped_steps += 1
             if self.state.bad_steps >= self.loop.max_bad_steps:
