@@ -1,6 +1,11 @@
 """Tokenizers behind one small interface: ``encode``, ``encode_batch``, ``decode``,
 ``vocab_size``, ``eos_id``, ``save``/``load``. Every kind has an end-of-document id
-that packing puts after each document."""
+that packing puts after each document.
+
+Kinds: ``bpe`` (trained on the train split), ``bytes``, ``hub`` (a ``tokenizers``
+hub name) and ``pretrained`` (the tokenizer of a Hugging Face model: a local model
+folder, a hub id, or the offline preset ``smollm2-135m-instruct-gguf``; resolved by
+:mod:`tfx.model.hf` exactly as the model itself is, so data and model agree)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +15,10 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tfx.core.errors import DataError
+from tfx.core.errors import ConfigError, DataError
 from tfx.data.config import TokenizerConfig
+from tfx.model.hf import load_tokenizer as load_hf_tokenizer
+from tfx.model.hf import tokenizer_id
 
 EOS_TOKEN = "<|endoftext|>"
 _HUB_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
@@ -35,6 +42,12 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def id(self) -> str:
+        """Content hash of the tokenizer (see ``tfx.model.hf.tokenizer_id``): equal
+        for equal tokenizers wherever they were loaded from."""
+        return tokenizer_id(self.tok)
 
     def save(self, path: str | Path) -> None:
         # eos lives in the JSON so load() needs nothing else
@@ -85,7 +98,10 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str]) -> Tokeniz
         return train_bpe(train_texts, cfg.vocab_size)
     if cfg.kind == "hub":
         return hub_tokenizer(cfg.name)
-    raise DataError(f"data.tokenizer.kind={cfg.kind!r} is unknown; choose bpe, bytes or hub")
+    if cfg.kind == "pretrained":
+        return pretrained_tokenizer(cfg.name)
+    raise DataError(f"data.tokenizer.kind={cfg.kind!r} is unknown; choose bpe, bytes, hub "
+                    f"or pretrained")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
@@ -118,3 +134,38 @@ def hub_tokenizer(name: str | None) -> TextTokenizer:
                         f"{list(_HUB_EOS_CANDIDATES)}")
     return TextTokenizer(tok, eos)
 
+
+
+def pretrained_tokenizer(name: str | None) -> TextTokenizer:
+    """The tokenizer of the Hugging Face model ``name`` (folder, hub id or the preset
+    ``smollm2-135m-instruct-gguf``), as its ``tokenizers`` backend. Special tokens
+    are never added (packing adds the end-of-document id itself). The end of a
+    document is the first of the usual separators the vocabulary has (SmolLM2:
+    ``<|endoftext|>``, its pretraining separator, not the chat ``<|im_end|>``), else
+    the model's own eos token."""
+    if not name:
+        raise DataError("data.tokenizer.kind=pretrained needs data.tokenizer.name: a model "
+                        "folder, a hub id, or smollm2-135m-instruct-gguf")
+    try:
+        hf = load_hf_tokenizer(name)
+    except ConfigError as err:  # the data layer reports data errors
+        raise DataError(f"data.tokenizer.name: {err}") from err
+    backend = hf.backend_tokenizer
+    candidates = (*_HUB_EOS_CANDIDATES, hf.eos_token)
+    eos = next((t for t in candidates if t and backend.token_to_id(t) is not None), None)
+    if eos is None:
+        raise DataError(f"tokenizer of {name!r} has no end-of-document token "
+                        f"(tried {list(_HUB_EOS_CANDIDATES)} and its eos)")
+    return TextTokenizer(backend, eos)
+
+
+def tokenizer_cache_id(cfg: TokenizerConfig) -> str | None:
+    """What a data cache key should hold for a tokenizer that is loaded, not trained:
+    its content hash, so the same tokenizer reached through another path (preset,
+    folder, hub) reuses the cache and an edited folder does not. ``None`` for kinds
+    fully described by their config (bpe, bytes)."""
+    if cfg.kind == "pretrained":
+        return pretrained_tokenizer(cfg.name).id
+    if cfg.kind == "hub":
+        return hub_tokenizer(cfg.name).id
+    return None

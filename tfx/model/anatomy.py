@@ -1,0 +1,273 @@
+"""Model anatomy: one small table per model family answering what techniques ask,
+so no technique needs to know a model class.
+
+    anat = anatomy_of(model)            # works through DDP / torch.compile wrappers
+    for i, layer in enumerate(anat.decoder_layers(model)):
+        parts = anat.attention(layer)   # q, k, v, o (or fused qkv), heads, KV heads
+        mlp = anat.mlp(layer)           # up, gate (None without a GLU), down
+    logits, hidden = anat.logits_and_hidden(model, input_ids)
+
+Families: tfx's own GPT (``tfx_gpt``), Hugging Face Llama-like decoders
+(``hf_llama``: Llama, Mistral, Qwen2/3, SmolLM2, ... anything with
+``model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``) and
+HF GPT-2 (``hf_gpt2``, fused ``c_attn`` Conv1D). The references are llm-compressor's
+"sequential targets" and torchtitan's per-model parallelize functions: a family is
+a handful of attribute paths, not branches in every technique.
+
+Head counts are read from the projection shapes (not the config), so they stay
+right after head pruning; names are fully qualified relative to the unwrapped model.
+A tensor-parallel plan is not here yet (``tp_plan`` is left for the TP technique).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tfx.core.errors import ConfigError
+from tfx.model.gpt import GPT
+
+
+@dataclass(frozen=True)
+class AttnParts:
+    """A layer's attention projections. ``q``/``k``/``v`` are ``None`` when the family
+    fuses them into one module (``qkv``, GPT-2's ``c_attn``, output ``[q | k | v]``)."""
+    q: Optional[nn.Module]
+    k: Optional[nn.Module]
+    v: Optional[nn.Module]
+    o: nn.Module
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    qkv: Optional[nn.Module] = None
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def inputs(self) -> list[nn.Module]:
+        """The modules that read the layer input (fused or not), in q, k, v order."""
+        return [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    up: nn.Module
+    gate: Optional[nn.Module]  # None for a plain (non-GLU) MLP
+    down: nn.Module
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    token: Optional[nn.Module]     # None on a pipeline stage that does not own it
+    position: Optional[nn.Module]  # None for rotary models (Llama)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        # no `a or b`: truthiness of an OptimizedModule calls len() on the wrapped
+        # model, which HF models do not support
+        inner = getattr(model, "module", None)
+        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight; only look it
+    # up if transformers is already loaded, so tfx-only runs never import it.
+    pt = sys.modules.get("transformers.pytorch_utils")
+    return pt is not None and isinstance(m, pt.Conv1D)
+
+
+class Anatomy:
+    """Attribute paths of one family. Methods take the (possibly wrapped) model."""
+
+    family = "base"
+    layers_path = ""  # dotted path of the container of decoder layers
+
+    # -- per family ------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> AttnParts:
+        raise NotImplementedError
+
+    def mlp(self, layer: nn.Module) -> MLPParts:
+        raise NotImplementedError
+
+    def embeddings(self, model: nn.Module) -> Embeddings:
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> Optional[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> Optional[nn.Module]:
+        raise NotImplementedError
+
+    def logits_and_hidden(self, model: nn.Module, input_ids: torch.Tensor):
+        """``(logits (B, T, V), final hidden state (B, T, d) after the final norm)``."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------
+    def _container(self, model: nn.Module) -> nn.Module:
+        return unwrap(model).get_submodule(self.layers_path)
+
+    def named_decoder_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(fully qualified name, layer)`` in forward order; names keep the original
+        index, so a pipeline stage that dropped layers still names them right."""
+        container = self._container(model)
+        is_dict = isinstance(container, nn.ModuleDict)
+        items = container.items() if is_dict else container.named_children()
+        return [(f"{self.layers_path}.{k}", layer) for k, layer in items]
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        return [layer for _, layer in self.named_decoder_layers(model)]
+
+    def layer_prefix(self, i: int) -> str:
+        """Fully qualified name of decoder layer ``i`` (e.g. ``model.layers.3``)."""
+        return f"{self.layers_path}.{i}"
+
+    def block_linears(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Linear(-like) modules inside the decoder layers, fully qualified. Embeddings
+        and the head are left out on purpose: the head is usually tied to the token
+        embedding, so compressing it would silently untie or change both."""
+        return [(f"{prefix}.{name}", m) for prefix, layer in self.named_decoder_layers(model)
+                for name, m in layer.named_modules() if _is_linear_like(m)]
+
+    def tied(self, model: nn.Module) -> bool:
+        """Whether the head shares its weight with the token embedding."""
+        head, tok = self.head(model), self.embeddings(model).token
+        return head is not None and tok is not None and head.weight is tok.weight
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(self.named_decoder_layers(model))
+
+
+class GPTAnatomy(Anatomy):
+    family = "tfx_gpt"
+    layers_path = "layers"
+
+    @classmethod
+    def matches(cls, model):
+        return isinstance(model, GPT)
+
+    def attention(self, layer):
+        a = layer.attn
+        n_heads = a.q_proj.out_features // a.head_dim
+        return AttnParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, n_heads=n_heads,
+                         n_kv_heads=a.k_proj.out_features // a.head_dim, head_dim=a.head_dim)
+
+    def mlp(self, layer):
+        return MLPParts(up=layer.mlp.fc, gate=None, down=layer.mlp.proj)
+
+    def embeddings(self, model):
+        m = unwrap(model)
+        return Embeddings(token=m.tok_emb, position=m.pos_emb)
+
+    def head(self, model):
+        return unwrap(model).head
+
+    def final_norm(self, model):
+        return unwrap(model).norm
+
+    def logits_and_hidden(self, model, input_ids):
+        return model(input_ids, return_hidden=True)
+
+
+class _HFAnatomy(Anatomy):
+    """HF causal LMs: ``output_hidden_states``' last entry is taken after the final
+    norm in both Llama and GPT-2 (checked in tests against ``head(hidden)``)."""
+
+    def head(self, model):
+        return unwrap(model).lm_head
+
+    def logits_and_hidden(self, model, input_ids):
+        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[-1]
+
+
+class LlamaAnatomy(_HFAnatomy):
+    family = "hf_llama"
+    layers_path = "model.layers"
+
+    @classmethod
+    def matches(cls, model):
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if not hasattr(model, "config") or not hasattr(model, "lm_head") or not layers:
+            return False
+        first = layers[0]
+        attn, mlp = getattr(first, "self_attn", None), getattr(first, "mlp", None)
+        return (all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")))
+
+    def attention(self, layer):
+        a = layer.self_attn
+        head_dim = a.head_dim
+        return AttnParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                         n_heads=a.q_proj.out_features // head_dim,
+                         n_kv_heads=a.k_proj.out_features // head_dim, head_dim=head_dim)
+
+    def mlp(self, layer):
+        return MLPParts(up=layer.mlp.up_proj, gate=layer.mlp.gate_proj, down=layer.mlp.down_proj)
+
+    def embeddings(self, model):
+        return Embeddings(token=unwrap(model).model.embed_tokens, position=None)
+
+    def final_norm(self, model):
+        return unwrap(model).model.norm
+
+
+class GPT2Anatomy(_HFAnatomy):
+    family = "hf_gpt2"
+    layers_path = "transformer.h"
+
+    @classmethod
+    def matches(cls, model):
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) == "gpt2" and hasattr(model, "transformer")
+
+    def attention(self, layer):
+        a = layer.attn
+        # c_attn is Conv1D(3d, d): weight (d, 3d), out features in ``nf``
+        n_heads = a.c_attn.nf // 3 // a.head_dim
+        return AttnParts(q=None, k=None, v=None, o=a.c_proj, n_heads=n_heads,
+                         n_kv_heads=n_heads, head_dim=a.head_dim, qkv=a.c_attn)
+
+    def mlp(self, layer):
+        return MLPParts(up=layer.mlp.c_fc, gate=None, down=layer.mlp.c_proj)
+
+    def embeddings(self, model):
+        t = unwrap(model).transformer
+        return Embeddings(token=t.wte, position=t.wpe)
+
+    def final_norm(self, model):
+        return unwrap(model).transformer.ln_f
+
+
+# Order matters only if two families could match one model; they cannot today.
+FAMILIES: tuple[type[Anatomy], ...] = (GPTAnatomy, LlamaAnatomy, GPT2Anatomy)
+
+
+def anatomy_of(model: nn.Module) -> Anatomy:
+    """The anatomy of ``model``'s family (wrappers are looked through)."""
+    inner = unwrap(model)
+    for family in FAMILIES:
+        if family.matches(inner):
+            return family()
+    names = ", ".join(f.family for f in FAMILIES)
+    raise ConfigError(f"model class {type(inner).__name__} has no tfx anatomy (known families: "
+                      f"{names}); add one in tfx/model/anatomy.py")
+
+
+__all__ = ["AttnParts", "MLPParts", "Embeddings", "Anatomy", "anatomy_of", "unwrap", "FAMILIES"]
