@@ -69,7 +69,7 @@ class Bench:
                      "model.n_layer=4", "model.n_head=4", "model.d_model=96",
                      f"trainer.batch_size={args.batch_size}", "trainer.eval_every=0",
                      "trainer.ckpt_every=0", "trainer.final_eval_batches=2", "trainer.progress=false",
-                     "logger=none", "optim.lr=3e-3", "optim.warmup_steps=20", "resume=never"]
+                     "logger=none", "optim.lr=3e-3", "scheduler.warmup_steps=20", "resume=never"]
         self.data = prepare_data(compose(self.base).data)
 
     def log(self, msg: str) -> None:
@@ -84,7 +84,7 @@ class Bench:
     def finetune(self, name: str, option: str, *overrides: str) -> Path:
         base = self.out / "baseline"
         return self.run(name, f"compression=[{option}]", f"compression.{option}.from_checkpoint={base}",
-                        "optim.lr=1e-3", "optim.warmup_steps=0", *overrides, steps=self.args.ft_steps)
+                        "optim.lr=1e-3", "scheduler.warmup_steps=0", *overrides, steps=self.args.ft_steps)
 
 
 def measure(bench: Bench, rows: List[Dict]) -> None:

@@ -48,7 +48,7 @@ def make_cfg(run_dir: Path, overrides):
 
 
 def run(run_dir: Path, nproc: int, overrides) -> dict:
-    from tfx.parallel.launch import launch
+    from tfx.launch import launch
     from tfx.train.run import train
 
     cfg = make_cfg(run_dir, overrides)
@@ -58,16 +58,13 @@ def run(run_dir: Path, nproc: int, overrides) -> dict:
 def single_state_bytes(cfg) -> dict:
     """The single-process run has no parallel technique to report its bytes: measure
     the same way on a freshly built model after one AdamW step."""
+    from tfx.config import build_model, optimizer_factory
     from tfx.data import prepare_data
-    from tfx.optim import build_optimizer
     from tfx.parallel.memory import state_bytes
-    from tfx.train.build import build_model
 
     data = prepare_data(cfg.data)
-    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len)
-    o = cfg.optim
-    opt = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                          eps=o.eps, momentum=o.momentum)
+    model = build_model(cfg, data.vocab_size, cfg.data.seq_len)
+    opt = optimizer_factory(cfg)(model)
     model(torch.zeros(1, cfg.data.seq_len, dtype=torch.long)).sum().backward()
     opt.step()
     return state_bytes(model, opt)
@@ -120,7 +117,7 @@ def main() -> None:
     model = ["model=tiny", "data.seq_len=64"] if args.quick else ["model=small", "data.seq_len=128"]
     # no trainer.final_eval_batches: the final evaluation covers the whole validation split
     base = model + ["data=pydocs", f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
-                    "trainer.log_every=5", "logger=none", "trainer.progress=false", "resume=never", "optim.warmup_steps=2"]
+                    "trainer.log_every=5", "logger=none", "trainer.progress=false", "resume=never", "scheduler.warmup_steps=2"]
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"## Parallel modes ({' '.join(model)}, global batch {GLOBAL_BATCH}, {steps} steps)\n")

@@ -69,7 +69,7 @@ def run_plain(args, overrides):
 
     from tfx.data import BlockLoader, prepare_data
     from tfx.model import GPT, GPTConfig
-    from tfx.optim import build_optimizer, build_scheduler
+    from tfx.optim import WarmupDecay, adamw
     from tfx.train.build import resolve_device
 
     cfg = _cfg(args)
@@ -77,8 +77,8 @@ def run_plain(args, overrides):
     device = resolve_device("auto")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=args.seq_len, **MODEL)).to(device)
-    opt = build_optimizer(model, lr=1e-3)
-    sched = build_scheduler(opt, "cosine", 20, 1000)
+    opt = adamw(model, lr=1e-3)
+    sched = WarmupDecay("cosine", 20)(opt, 1000)
     loader = BlockLoader(data.train, args.batch_size)
 
     def step():

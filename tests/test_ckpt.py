@@ -22,16 +22,16 @@ def params(model):
 def test_resume_equals_uninterrupted_run(tmp_path, pydocs_data):
     overrides = ("trainer.max_steps=6", "trainer.ckpt_every=0")
     full = build(tiny(*overrides), tmp_path / "full", data=pydocs_data)
-    full.trainer.fit(full.ckpt_dir)
+    full.trainer.fit()
 
     first = build(tiny(*overrides), tmp_path / "cut", data=pydocs_data)
     first.trainer.callbacks.append(lambda t: t.state.step == 3 and t.request_stop("test"))
-    first.trainer.fit(first.ckpt_dir)
+    first.trainer.fit()
     assert latest_checkpoint(first.ckpt_dir).name == "step_00000003.pt"
 
     second = build(tiny(*overrides, "resume=auto"), tmp_path / "cut", data=pydocs_data)
     assert second.resumed_from is not None and second.trainer.state.step == 3
-    second.trainer.fit(second.ckpt_dir)
+    second.trainer.fit()
 
     a, b = params(full.model), params(second.model)
     assert a.keys() == b.keys()
@@ -42,7 +42,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, pydocs_data):
 
 def test_resume_refuses_other_techniques(tmp_path, pydocs_data):
     job = build(tiny("trainer.max_steps=1"), tmp_path, data=pydocs_data)
-    job.trainer.fit(job.ckpt_dir)
+    job.trainer.fit()
     with pytest.raises(CheckpointError, match=r"trained with techniques \['precision:fp32'\].*resume=never"):
         build(tiny("precision=bf16"), tmp_path, data=pydocs_data)
     build(tiny("precision=bf16", "resume=never"), tmp_path, data=pydocs_data)  # explicit fresh start
@@ -61,7 +61,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, pydocs_data):
 def test_checkpoint_keeps_last_k(tmp_path, pydocs_data):
     job = build(tiny("trainer.max_steps=6", "trainer.ckpt_every=1", "trainer.keep_last=2"),
                 tmp_path, data=pydocs_data)
-    job.trainer.fit(job.ckpt_dir)
+    job.trainer.fit()
     names = sorted(p.name for p in job.ckpt_dir.iterdir())
     assert names == ["step_00000005.pt", "step_00000006.pt"]
     state = load_checkpoint(job.ckpt_dir / names[-1])

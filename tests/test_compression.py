@@ -3,6 +3,7 @@
 Tiny models and a synthetic next-token task (x -> x + 1 mod V) keep this file fast.
 """
 import copy
+import dataclasses
 import math
 import glob
 import os
@@ -48,11 +49,12 @@ def batch(step, b=8, t=16, vocab=64):
 def train(model, techniques, steps=12, lr=1e-2, ctx=CTX, resume=None):
     """The trainer's hook order, in miniature; returns (model, pipeline, optimizer, losses).
 
-    ``resume``: a checkpoint dict; like tfx.train.run.build, technique states are loaded
-    before ``apply_to_model``, then model and optimizer states after it."""
+    ``resume``: a checkpoint dict; like tfx.train.build.build, the techniques rebuild the
+    recorded structure (``ctx.resuming``), then model, optimizer and technique states
+    are loaded once."""
     pipe = Pipeline(techniques)
     if resume is not None:
-        pipe.load_state_dict(resume["techniques"])
+        ctx = dataclasses.replace(ctx, resuming=True, structure=resume["structure"])
     model = pipe.apply_to_model(model, ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     if resume is not None:
@@ -65,7 +67,7 @@ def train(model, techniques, steps=12, lr=1e-2, ctx=CTX, resume=None):
 
 def checkpoint(model, pipe, opt):
     return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "techniques": pipe.state_dict()})
+                          "techniques": pipe.state_dict(), "structure": pipe.structure()})
 
 
 def run_steps(model, pipe, opt, first, last, ctx=CTX):
@@ -467,13 +469,13 @@ def test_pruning_resume_through_trainer_matches_uninterrupted(tmp_path, pydocs_d
     over = ["compression=[prune]", "compression.prune.sparsity=0.7", "compression.prune.end_step=6",
             "compression.prune.frequency=2", "trainer.max_steps=8"]
     ref = build(_trainer_cfg(*over), tmp_path / "ref", data=pydocs_data)
-    ref.trainer.fit(ref.ckpt_dir)
+    ref.trainer.fit()
     first = build(_trainer_cfg(*over), tmp_path / "cut", data=pydocs_data)
     first.trainer.callbacks.append(lambda t: t.request_stop("test") if t.state.step == 3 else None)
-    first.trainer.fit(first.ckpt_dir)
+    first.trainer.fit()
     resumed = build(_trainer_cfg(*over), tmp_path / "cut", data=pydocs_data)
     assert resumed.trainer.state.step == 3
-    resumed.trainer.fit(resumed.ckpt_dir)
+    resumed.trainer.fit()
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert sparsity(resumed.model) == pytest.approx(0.7, abs=1e-3)

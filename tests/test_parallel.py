@@ -46,7 +46,7 @@ def test_ddp_resume_equals_uninterrupted(ddp_run, tmp_path):
 
 def test_ddp_accumulation_matches_large_batch(reference, tmp_path):
     # 2 ranks x 2 micro-steps x batch 1 = the reference's batch of 4
-    run_workers(tmp_path, 2, "parallel=ddp", "trainer.batch_size=1", "optim.accum_steps=2")
+    run_workers(tmp_path, 2, "parallel=ddp", "trainer.batch_size=1", "trainer.accum_steps=2")
     assert_same_training(tmp_path, reference)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from parallel_utils import CONF, TINY, make_cfg, shared_cache
 from tfx.parallel import DDP
-from tfx.parallel.launch import WorkerFailed, launch, needs_launch, requested_workers
+from tfx.launch import WorkerFailed, launch, needs_launch, requested_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_no_launch_under_torchrun(env, monkeypatch):
 
 def test_2d_degree_mismatch_is_a_config_error(env):
     from tfx.core import ConfigError
-    from tfx.parallel.launch import check_plan
+    from tfx.launch import check_plan
 
     cfg = make_cfg(env, "parallel=fsdp_tp", "parallel.tp.degree=3")
     with pytest.raises(ConfigError, match="does not divide the world size 4"):

@@ -66,7 +66,7 @@ def test_memory_option_trains(memory, tmp_path, pydocs_data):
 
 def test_accumulation_equals_large_batch(tmp_path, pydocs_data):
     big = first_grads(tiny("trainer.batch_size=8"), tmp_path / "a", pydocs_data)
-    acc = first_grads(tiny("trainer.batch_size=2", "optim.accum_steps=4"), tmp_path / "b", pydocs_data)
+    acc = first_grads(tiny("trainer.batch_size=2", "trainer.accum_steps=4"), tmp_path / "b", pydocs_data)
     assert big.keys() == acc.keys()
     for name in big:
         torch.testing.assert_close(acc[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -75,7 +75,7 @@ def test_accumulation_equals_large_batch(tmp_path, pydocs_data):
 def test_accumulation_trajectory_matches(tmp_path, pydocs_data):
     """Several optimizer steps, not just the first gradient."""
     a = losses(tmp_path / "a", pydocs_data, "trainer.batch_size=8", "trainer.max_steps=4")
-    b = losses(tmp_path / "b", pydocs_data, "trainer.batch_size=2", "optim.accum_steps=4",
+    b = losses(tmp_path / "b", pydocs_data, "trainer.batch_size=2", "trainer.accum_steps=4",
                "trainer.max_steps=4")
     assert a == pytest.approx(b, rel=1e-5)
 
@@ -124,7 +124,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, pydocs_data):
     cfg = tiny("trainer.max_steps=20", "trainer.ckpt_every=2", "trainer.max_bad_steps=3")
     job = build(cfg, tmp_path, data=pydocs_data, extra_techniques=[NaNLoss(start=3)])
     with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive steps.*last good checkpoint"):
-        job.trainer.fit(job.ckpt_dir)
+        job.trainer.fit()
     assert latest_checkpoint(job.ckpt_dir).name == "step_00000002.pt"
     # the parameters are untouched by the skipped steps
     assert all(torch.isfinite(p).all() for p in job.model.parameters())

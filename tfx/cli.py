@@ -14,6 +14,9 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig, open_dict
 
 from tfx.core import TfxError
+from tfx.eval_run import evaluate_run
+from tfx.launch import WorkerFailed, launch, needs_launch, rank0_run_dir
+from tfx.train.run import print_summary, train
 
 
 def _hydra_run_info() -> tuple[Path, Optional[str], Optional[str]]:
@@ -36,9 +39,6 @@ def fail(err: Exception) -> None:
 
 
 def train_job(cfg: DictConfig) -> float:
-    from tfx.parallel.launch import WorkerFailed, launch, needs_launch, rank0_run_dir
-    from tfx.train.run import print_summary, train
-
     run_dir, name, group = _hydra_run_info()
     run_dir = rank0_run_dir(cfg, run_dir)  # under torchrun: one directory for all ranks
     with open_dict(cfg):
@@ -59,8 +59,6 @@ def train_job(cfg: DictConfig) -> float:
 
 
 def evaluate_job(cfg: DictConfig) -> Dict[str, Any]:
-    from tfx.eval_run import evaluate_run
-
     try:
         result = evaluate_run(cfg.run, batch_size=cfg.batch_size, device=cfg.device,
                               max_batches=cfg.max_batches, speed_batches=cfg.speed_batches,

@@ -1,61 +1,61 @@
-"""Typed config schemas (registered with Hydra's ConfigStore) and technique building.
+"""Typed config schemas (registered with Hydra's ConfigStore) and instantiation.
 
-The fixed groups (model, data, optim, trainer, logger) are dataclasses, so a
-misspelled key or a wrong type fails when Hydra composes the config. The technique
-groups (precision, memory, attention, compression, parallel) hold a ``_target_``
-class; :func:`build_techniques` checks their keys against the constructor's
-signature before instantiating anything, so a typo there fails just as early with
-the group, the key and the valid keys.
+Every group is a ``_target_`` node whose keys are the target's constructor
+arguments (lightning-hydra-template style):
+
+* ``model``: a model spec, e.g. :class:`tfx.model.GPTConfig`; ``spec.build(vocab_size,
+  block_size)`` makes the ``nn.Module`` (sizes left ``null`` come from the data);
+* ``optim``: ``_partial_: true`` optimizer factory called with the model
+  (:func:`tfx.optim.adamw`, ``sgd``, ``tfx.optim.muon.muon``);
+* ``scheduler``: a schedule (:class:`tfx.optim.WarmupDecay`) called with
+  ``(optimizer, max_steps)``;
+* ``trainer``: the loop's own :class:`TrainerConfig`;
+* technique groups (precision, memory, attention, compression, parallel): a
+  :class:`~tfx.core.Technique` subclass.
+
+Fixed-shape nodes (trainer, logger, data, the GPT model) are dataclass schemas, so a
+misspelled key or a wrong type fails when Hydra composes the config. For the others
+:func:`instantiate_checked` compares the keys with the target's signature before
+anything is built, so a typo fails just as early, naming the group, the key and the
+valid keys. Values out of range fail in the constructors with a :class:`ConfigError`.
 """
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Technique
 from tfx.data.config import DataConfig
+from tfx.model.gpt import GPTConfig
 
 TECHNIQUE_GROUPS = ("precision", "attention", "compression", "memory", "parallel")
 
 
-@dataclass
-class ModelConfig:
-    name: str = "small"
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer
-    block_size: Optional[int] = None  # None: data.seq_len
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    d_ff: Optional[int] = None
-    dropout: float = 0.0
-    bias: bool = False
-    tie_embeddings: bool = True
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"          # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    momentum: float = 0.9        # sgd only
-    schedule: str = "cosine"     # cosine | linear | constant
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: Optional[float] = 1.0
-    accum_steps: int = 1
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
 class TrainerConfig:
+    """The training loop's parameters (``trainer`` group): one optimizer step sees
+    ``batch_size * accum_steps * data-parallel ranks`` sequences."""
+
+    _target_: str = "tfx.config.TrainerConfig"
     max_steps: int = 160
-    batch_size: int = 16         # micro-batch per process; global = batch * accum * world
-    eval_every: int = 100
+    batch_size: int = 16         # micro-batch per process
+    accum_steps: int = 1         # micro-batches per optimizer step (exact: token-normalised)
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null = no clipping
+    eval_every: int = 100        # 0: only the final evaluation
     eval_batches: int = 20       # batches per periodic evaluation
     final_eval_batches: Optional[int] = None  # None: the whole validation split
     log_every: int = 10
@@ -65,6 +65,20 @@ class TrainerConfig:
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     progress: bool = True
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "eval_every", "ckpt_every", "keep_last"):
+            _positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
+        for key in ("batch_size", "accum_steps", "eval_batches", "log_every", "max_bad_steps",
+                    "final_eval_batches", "grad_clip"):
+            _positive(f"trainer.{key}", getattr(self, key))
+
+
+@dataclass
+class GPTSchema(GPTConfig):
+    """``conf/model/*.yaml`` of tfx's GPT: the keys are :class:`GPTConfig`'s fields."""
+
+    _target_: str = "tfx.model.GPTConfig"
 
 
 @dataclass
@@ -79,9 +93,10 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: Any = None
+    scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     precision: Any = None
@@ -99,12 +114,12 @@ class TrainConfig:
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="gpt_schema", node=GPTSchema)
 
 
 _CHOICE_FIELDS = {
-    ("optim", "name"): ("adamw", "sgd"),
-    ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("logger", "backend"): ("wandb", "none"),
     ("logger", "mode"): ("auto", "online", "offline", "disabled"),
 }
@@ -119,8 +134,14 @@ def check_choices(cfg: DictConfig) -> None:
     resume = cfg.get("resume", "auto")
     if not isinstance(resume, str) or not resume:
         raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
+    for group in ("model", "optim", "scheduler"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{group}: expected a config with a _target_, got {node!r}; "
+                              f"choose one of conf/{group}/*.yaml")
 
 
+# -- instantiation ----------------------------------------------------------------------
 def _entries(group: str, node: Any) -> List[tuple]:
     """(label, config) pairs of a technique group; multi-select groups such as
     ``compression=[prune,distill]`` hold one sub-config per chosen option."""
@@ -133,55 +154,117 @@ def _entries(group: str, node: Any) -> List[tuple]:
     return [(f"{group}.{k}", v) for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def _check_signature(label: str, node: DictConfig) -> None:
-    from hydra.utils import get_class
-
+def check_signature(label: str, node: DictConfig, bound: int = 0) -> None:
+    """Every key of ``node`` must be an argument of its ``_target_``, of the right type.
+    ``bound``: leading arguments supplied by the caller (a partial's model/optimizer)."""
     try:
-        cls = get_class(node._target_)
+        target = get_object(node._target_)
     except Exception as err:
         raise ConfigError(f"{label}: cannot import _target_ {node._target_!r} ({err})") from err
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
+    fn = target.__init__ if inspect.isclass(target) else target
+    params = dict(inspect.signature(fn).parameters)
+    params.pop("self", None)
+    names = list(params)[bound:]
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
     for key in node:
         if key.startswith("_"):
             continue
-        if key not in params:
-            raise ConfigError(f"{label}: unknown key {key!r} for {cls.__name__}; valid keys: {valid}")
-        _check_type(label, key, node[key], params[key].annotation)
+        if key not in names:
+            raise ConfigError(f"{label}: unknown key {key!r} for {getattr(target, '__name__', target)}; "
+                              f"valid keys: {[n for n in names if not n.startswith('_')]}")
+        _check_type(label, key, node[key], hints.get(key))
+
+
+def _allowed(annotation: Any) -> Optional[tuple]:
+    """Python types a config value may have for ``annotation`` (None: don't check)."""
+    if annotation in (int,):
+        return (int,)
+    if annotation is float:
+        return (int, float)
+    if annotation in (bool, str):
+        return (annotation,)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        parts = [a for a in typing.get_args(annotation) if a is not type(None)]
+        allowed = [_allowed(a) for a in parts]
+        if any(a is None for a in allowed):
+            return None
+        return tuple(t for a in allowed for t in a)
+    if origin in (list, tuple, typing.List, typing.Tuple) or annotation in (list, tuple):
+        return (list, tuple, ListConfig)
+    return None
 
 
 def _check_type(label: str, key: str, value: Any, annotation: Any) -> None:
-    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
-    expected = kinds.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+    expected = _allowed(annotation)
     if expected is None or value is None:
         return
-    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    ok = isinstance(value, expected) and not (bool not in expected and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{label}.{key}={value!r}: expected {annotation if isinstance(annotation, str) else annotation.__name__}")
+        name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise ConfigError(f"{label}.{key}={value!r}: expected {name}")
+
+
+def instantiate_checked(label: str, node: DictConfig, *args, bound: Optional[int] = None,
+                        **kwargs) -> Any:
+    """``hydra.utils.instantiate`` after :func:`check_signature`; a ConfigError raised
+    by the target comes out as itself, any other failure as one line naming ``label``.
+    ``bound``: leading arguments a partial gets later (default: ``len(args)``)."""
+    check_signature(label, node, bound=len(args) if bound is None else bound)
+    try:
+        return instantiate(node, *args, _convert_="all", **kwargs)
+    except ConfigError:
+        raise
+    except Exception as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):  # already names the key and the fix
+            raise cause from None
+        raise ConfigError(f"{label}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from err
 
 
 def build_techniques(cfg: DictConfig, groups=TECHNIQUE_GROUPS) -> List[Technique]:
     """Instantiate every chosen technique from its group config (checked first)."""
-    from hydra.utils import instantiate
-
     techniques: List[Technique] = []
     for group in groups:
         for label, node in _entries(group, cfg.get(group)):
-            _check_signature(label, node)
-            try:
-                tech = instantiate(node, _convert_="all")
-            except ConfigError:
-                raise
-            except Exception as err:
-                cause = err.__cause__ or err
-                if isinstance(cause, ConfigError):  # already names the key and the fix
-                    raise cause from None
-                raise ConfigError(f"{label}: {cause}") from err
+            tech = instantiate_checked(label, node)
             if not isinstance(tech, Technique):
                 raise ConfigError(f"{label}: {node._target_} is not a tfx Technique")
             techniques.append(tech)
     if cfg.get("compile", False):
-        from tfx.train.compile import Compile
-
-        techniques.append(Compile())
+        techniques.append(instantiate_checked("compile", OmegaConf.create({"_target_": "tfx.compile.Compile"})))
     return techniques
+
+
+def build_loop(cfg: DictConfig) -> TrainerConfig:
+    return instantiate_checked("trainer", cfg.trainer)
+
+
+def build_model(cfg: DictConfig, vocab_size: int, block_size: int):
+    """The ``model`` group's spec, built for the data (sizes left null come from it)."""
+    spec = instantiate_checked("model", cfg.model)
+    try:
+        return spec.build(vocab_size=vocab_size, block_size=block_size)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def optimizer_factory(cfg: DictConfig):
+    """``optim`` group: a partial that takes the model and returns the optimizer. It is
+    tried once on a 2x2 Linear so that bad values fail now, before data or model exist."""
+    factory = instantiate_checked("optim", cfg.optim, bound=1)
+    try:
+        factory(torch.nn.Linear(2, 2))
+    except ConfigError:
+        raise
+    except Exception as err:  # a bad value torch itself refuses
+        raise ConfigError(f"optim: {str(err).splitlines()[0]}") from err
+    return factory
+
+
+def scheduler_factory(cfg: DictConfig):
+    """``scheduler`` group: an object called with ``(optimizer, max_steps)``."""
+    return instantiate_checked("scheduler", cfg.scheduler)

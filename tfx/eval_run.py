@@ -11,11 +11,14 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from tfx.ckpt import load_run
-from tfx.ckpt.run import find_checkpoint
+from tfx.ckpt import find_checkpoint, load_run
+from tfx.compression import (load_compressed, load_compressed_state, load_sparse, make_permanent,
+                             quantize_model)
+from tfx.config import build_model
 from tfx.data import TokenData, prepare_data
-from tfx.evaluation import count_params, evaluate_lm, inference_speed, state_dict_bytes
-from tfx.train.build import build_model, resolve_device
+from tfx.evaluation import evaluate_lm, inference_speed
+from tfx.model import count_params, state_dict_bytes
+from tfx.train.build import resolve_device
 
 
 def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, device,
@@ -34,10 +37,8 @@ def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, de
 
 def exported_variants(run_dir: Path, model: nn.Module, cfg, vocab_size: int) -> Dict[str, tuple]:
     """name -> (model rebuilt from the exported file, file path)."""
-    from tfx.compression import load_compressed, load_compressed_state, load_sparse, quantize_model
-
     def fresh():
-        return build_model(cfg.model, vocab_size, cfg.data.seq_len).to(next(model.parameters()).device)
+        return build_model(cfg, vocab_size, cfg.data.seq_len).to(next(model.parameters()).device)
 
     found: Dict[str, tuple] = {}
     for path in sorted(run_dir.glob("*.tfxs")):
@@ -63,8 +64,6 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
     ckpt = find_checkpoint(run)
     dev = resolve_device(device)
     model, cfg = load_run(ckpt, device=str(dev))
-    from tfx.compression import make_permanent
-
     make_permanent(model)  # fold pruning masks: weights are counted once, as plain Linears
     data = prepare_data(cfg.data)
     args = (data, cfg.data.seq_len, batch_size, dev, max_batches, speed_batches, list(splits))

@@ -1,29 +1,36 @@
 """Quality, speed and size measurements shared by training, evaluate.py and benchmarks."""
 from __future__ import annotations
 
-import io
 import math
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from tfx.data import TokenBlocks, eval_batches
-from tfx.train.loss import IGNORE_INDEX, ce_sum
+from tfx.core.loss import IGNORE_INDEX, ce_sum
+
+
+def _model_ce_sum(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    return ce_sum(model(batch["input_ids"]), batch["labels"])
 
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, blocks: TokenBlocks, batch_size: int, device,
-                max_batches: Optional[int] = None, ctx=None) -> Dict[str, float]:
-    """Token-weighted mean cross-entropy and perplexity over ``blocks`` (in order)."""
+                max_batches: Optional[int] = None,
+                ce_sum_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]] = None
+                ) -> Dict[str, float]:
+    """Token-weighted mean cross-entropy and perplexity over ``blocks`` (in order).
+    ``ce_sum_fn(model, batch)``: summed cross-entropy of a batch on the device (default:
+    the model's logits; pipeline parallel passes its schedule's)."""
+    ce_sum_fn = ce_sum_fn or _model_ce_sum
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in eval_batches(blocks, batch_size, max_batches):
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        total += float(ce_sum(model(ids), labels))
-        count += int((labels != IGNORE_INDEX).sum())
+        count += int((batch["labels"] != IGNORE_INDEX).sum())  # on the host: no device sync
+        total += float(ce_sum_fn(model, {k: v.to(device) for k, v in batch.items()}))
     model.train(was_training)
     loss = total / max(1, count)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
@@ -50,17 +57,3 @@ def inference_speed(model: nn.Module, batch_size: int, seq_len: int, vocab_size:
     return {"tokens_per_sec": batch_size * seq_len / median, "latency_ms": 1000 * median}
 
 
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes ``torch.save(model.state_dict())`` takes: the model's size on disk."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
-
-
-def count_params(model: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n

@@ -16,8 +16,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
+import torch.distributed as dist
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.utils.distributed import get_free_port
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from tfx.config import build_loop, build_techniques, check_choices
+from tfx.core import Pipeline, Plan, distributed
+from tfx.parallel.base import ParallelTechnique, default_nproc
+from tfx.train.build import resolve_device
+from tfx.train.run import train
 
 
 def under_launcher() -> bool:
@@ -26,10 +37,6 @@ def under_launcher() -> bool:
 
 def requested_workers(cfg: DictConfig) -> int:
     """Workers the ``parallel`` group asks for (1 for ``single``)."""
-    from hydra.utils import get_class
-
-    from tfx.parallel.base import ParallelTechnique, default_nproc
-
     node = cfg.get("parallel")
     if not node:
         return 1
@@ -48,11 +55,6 @@ def needs_launch(cfg: DictConfig) -> bool:
 def rank0_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
     """Under torchrun every rank composed its own Hydra config, and ``${now:...}`` in
     the run directory can differ by a second between ranks: use rank 0's."""
-    import torch.distributed as dist
-
-    from tfx.train import distributed
-    from tfx.train.build import resolve_device
-
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return Path(run_dir)
     distributed.init_distributed(resolve_device(cfg.trainer.device))
@@ -64,27 +66,17 @@ def rank0_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
 def check_plan(cfg: DictConfig, world_size: int) -> None:
     """Validate the technique combination for ``world_size`` ranks before spawning,
     so a bad combination is one message from the parent, not one per worker."""
-    from tfx.config import build_techniques, check_choices
-    from tfx.core import Pipeline, Plan
-
     check_choices(cfg)
+    loop = build_loop(cfg)
     techniques = build_techniques(cfg)
-    device = "cuda" if _has_cuda() else "cpu"
-    Pipeline(techniques).validate(Plan(techniques, world_size=world_size, device_type=device,
-                                       accum_steps=cfg.optim.accum_steps))
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = Plan(techniques, world_size=world_size, device_type=device, accum_steps=loop.accum_steps)
+    Pipeline(techniques).validate(plan)
+    plan.facts()
 
 
 def _worker(cfg_yaml: str, run_dir: str, run_name: Optional[str], group: Optional[str]) -> Dict[str, Any]:
     """Entry point of every worker process (module level so ``spawn`` can pickle it)."""
-    from tfx.train import distributed
-    from tfx.train.run import train
-
     cfg = OmegaConf.create(cfg_yaml)
     summary = train(cfg, run_dir, run_name=run_name, group=group)
     # Only on success: after an error the process exits at once, so it is the first
@@ -100,10 +92,6 @@ def launch(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Opti
 
     Raises :class:`WorkerFailed` naming the first failed rank and its error.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.utils.distributed import get_free_port
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     nproc = nproc or requested_workers(cfg)
     check_plan(cfg, nproc)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],

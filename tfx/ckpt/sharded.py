@@ -22,8 +22,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 
+from tfx.core.distributed import barrier as _barrier
+from tfx.core.distributed import is_main_process as _is_main
 from tfx.core.errors import CheckpointError
 
 META = "meta.pt"
@@ -31,15 +34,6 @@ META = "meta.pt"
 
 def sharded_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.dcp"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _fsync(path: Path) -> None:
@@ -102,8 +96,6 @@ def load_full_into(model: nn.Module, optimizer, state: Dict[str, Any]) -> None:
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=opts)
     if optimizer is not None and "optimizer" in state:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
         set_optimizer_state_dict(model, optimizer, _fqn_optimizer_state(model, optimizer, state["optimizer"]),
                                  options=opts)
 

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tfx.ckpt import load_run_with_meta
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
+from tfx.core.loss import IGNORE_INDEX
 from tfx.core.technique import Plan, Stage, Technique
-from tfx.train.loss import IGNORE_INDEX
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -83,12 +84,7 @@ def load_teacher(teacher: str, source: str = "tfx") -> Tuple[nn.Module, int, Opt
     if source == "hub":
         m = _HubTeacher(teacher)
         return m, m.vocab_size, m.tokenizer_id
-    from tfx.ckpt import load_checkpoint, load_run
-    from tfx.ckpt.run import find_checkpoint
-
-    path = find_checkpoint(teacher)
-    meta = load_checkpoint(path)  # vocab_size / tokenizer_id live next to the weights
-    model, _ = load_run(path)
+    model, _, meta = load_run_with_meta(teacher)  # vocab_size / tokenizer_id live next to the weights
     return model, meta.get("vocab_size", model.cfg.vocab_size), meta.get("tokenizer_id")
 
 
@@ -107,10 +103,10 @@ class Distillation(Technique):
     from Python. ``hidden_weight > 0`` adds hidden-state matching through a learned
     projection (the trainer then passes ``outputs["hidden"]``).
 
-    On resume and in ``tfx.ckpt.load_run`` the technique state is loaded before
-    ``apply_to_model``: the projection is then rebuilt from the saved teacher width
-    and the teacher itself is only loaded when a loss needs it, so evaluating a
-    distilled run never loads its teacher.
+    On resume and in ``tfx.ckpt.load_run`` (``ctx.resuming``) the projection is
+    rebuilt from the teacher width the checkpoint recorded (:meth:`structure`) and the
+    teacher itself is only loaded when a loss needs it, so evaluating a distilled run
+    never loads its teacher.
     """
 
     name = "distill"
@@ -127,17 +123,11 @@ class Distillation(Technique):
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.teacher: Optional[nn.Module] = None
         self.proj: Optional[nn.Module] = None
-        self.teacher_width: Optional[int] = None  # saved, so a reload needs no teacher
-
-    @property
-    def needs_hidden(self) -> bool:
-        return self.hidden_weight > 0
-
-    @property
-    def reapply_on_load(self) -> bool:
-        # Only the projection changes the student's structure (its weights are in
-        # the checkpoint); without it there is nothing to rebuild.
-        return self.needs_hidden
+        self.teacher_width: Optional[int] = None  # recorded, so a reload needs no teacher
+        self.needs_hidden = hidden_weight > 0
+        # Only the projection changes the student's structure (its weights are in the
+        # checkpoint); without it there is nothing to rebuild on load.
+        self.reapply_on_load = self.needs_hidden
 
     def validate(self, plan: Plan) -> None:
         if self.teacher_spec is None:
@@ -145,7 +135,9 @@ class Distillation(Technique):
                               "(larger) tfx run, e.g. compression.distill.teacher=outputs/big")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.teacher_width is None:  # fresh start: load and check the teacher now
+        if ctx.resuming:  # the checkpoint recorded the width; load the teacher on first use
+            self.teacher_width = ctx.structure_of(self).get("teacher_width")
+        else:  # fresh start: load and check the teacher now
             self._load_teacher(ctx, model.cfg.vocab_size)
             self.teacher_width = _width(self.teacher)
         if self.needs_hidden:
@@ -181,8 +173,5 @@ class Distillation(Technique):
                 outputs["hidden"], t_hidden, self.proj, mask) / norm
         return total
 
-    def state_dict(self):
-        return {"teacher_width": self.teacher_width}
-
-    def load_state_dict(self, state) -> None:
-        self.teacher_width = state.get("teacher_width")
+    def structure(self):
+        return {"teacher_width": self.teacher_width} if self.needs_hidden else {}

@@ -18,10 +18,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import block_linears, count_params, load_weights_from_run, set_submodule
+from tfx.compression._common import block_linears, set_submodule
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Stage, Technique
+from tfx.model.size import count_params
 
 
 def choose_rank(s: torch.Tensor, rank_ratio: Optional[float], energy: Optional[float]) -> int:
@@ -74,8 +75,8 @@ class LowRank(Technique):
 
     ``from_checkpoint: <run>`` factorizes a trained model (the usual use); without it
     the random initialisation is factorized, i.e. a low-rank model trained from scratch.
-    The chosen ranks are the technique state: a resume or ``load_run`` (state loaded
-    before ``apply_to_model``) rebuilds exactly those shapes, without the checkpoint.
+    The chosen ranks are the technique's :meth:`structure`: a resume or ``load_run``
+    (``ctx.resuming``) rebuilds exactly those shapes before the weights are loaded.
     """
 
     name = "lowrank"
@@ -86,23 +87,20 @@ class LowRank(Technique):
         if energy is not None and rank_ratio is not None:
             raise ConfigError("compression.lowrank: set rank_ratio=null to use energy")
         choose_rank(torch.ones(1), rank_ratio, energy)  # validates the values
+        # from_checkpoint: loaded by the build order before SURGERY (not on a resume)
         self.rank_ratio, self.energy, self.from_checkpoint = rank_ratio, energy, from_checkpoint
         self.ranks: Dict[str, int] = {}
         self.params_before = self.params_after = 0
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint and not self.ranks:  # not when rebuilding a saved run
-            load_weights_from_run(model, self.from_checkpoint)
+        saved = dict(ctx.structure_of(self).get("ranks", {})) if ctx.resuming else None
         self.params_before = count_params(model)
-        self.ranks = apply_lowrank(model, self.rank_ratio, self.energy, ranks=self.ranks)
+        self.ranks = apply_lowrank(model, self.rank_ratio, self.energy, ranks=saved)
         self.params_after = count_params(model)
         return model
 
-    def state_dict(self):
+    def structure(self):
         return {"ranks": self.ranks}
-
-    def load_state_dict(self, state) -> None:
-        self.ranks = dict(state.get("ranks", {}))
 
     def export(self, model, out_dir, ctx) -> Dict[str, float]:
         return {"lowrank/params": self.params_after,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import block_linears, load_weights_from_run, unwrap
+from tfx.compression._common import block_linears, unwrap
 from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
@@ -184,7 +184,7 @@ class _MaskTechnique(Technique):
     def validate(self, plan: Plan) -> None:
         # FSDP2 shards parameters into DTensors; prune's forward-pre-hook would then
         # multiply a sharded weight_orig by an unsharded mask.
-        if any("fsdp" in t.key.lower() for t in plan.techniques):
+        if plan.facts().shards_parameters:
             raise ConfigError(f"compression={self.name} keeps pruning masks through "
                               "torch.nn.utils.prune, which does not work with FSDP; use "
                               "parallel=ddp or parallel=single")
@@ -228,9 +228,8 @@ class MagnitudePruning(_MaskTechnique):
         self.target, self.scope, self.schedule = sparsity, scope, schedule
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.initial = initial_sparsity
-        self.from_checkpoint = from_checkpoint
+        self.from_checkpoint = from_checkpoint  # loaded by the build order before SURGERY
         self.current = 0.0  # the sparsity the masks were last set to (resume state)
-        self.restored = False  # state loaded: weights and masks come from a checkpoint
 
     def target_at(self, step: int) -> Optional[float]:
         if self.schedule == "oneshot":
@@ -239,10 +238,8 @@ class MagnitudePruning(_MaskTechnique):
                               self.frequency, self.initial)
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint and not self.restored:
-            load_weights_from_run(model, self.from_checkpoint)
         install_masks(model)
-        if not self.restored:
+        if not ctx.resuming:  # on a resume the masks are loaded with the weights
             self._maybe_prune(model, 0)
         return model
 
@@ -259,7 +256,6 @@ class MagnitudePruning(_MaskTechnique):
 
     def load_state_dict(self, state) -> None:
         self.current = float(state.get("current_sparsity", 0.0))
-        self.restored = True
 
 
 class NMPruning(_MaskTechnique):
@@ -278,13 +274,10 @@ class NMPruning(_MaskTechnique):
         self.n, self.m, self.at_step = n, m, at_step
         self.from_checkpoint, self.semi_structured = from_checkpoint, semi_structured
         self.done = False
-        self.restored = False
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint and not self.restored:  # else weights come from the checkpoint
-            load_weights_from_run(model, self.from_checkpoint)
         install_masks(model)
-        if self.at_step == 0 and not self.restored:
+        if self.at_step == 0 and not ctx.resuming:  # on a resume the masks come with the weights
             nm_prune(model, self.n, self.m)
             self.done = True
         return model
@@ -299,7 +292,6 @@ class NMPruning(_MaskTechnique):
 
     def load_state_dict(self, state) -> None:
         self.done = bool(state.get("done", False))
-        self.restored = True
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         metrics = super().export(model, out_dir, ctx)

@@ -15,18 +15,18 @@ int4_weight_only   int4 groups (tinygemm / mslk kernels)        CUDA only in tor
 from __future__ import annotations
 
 import copy
-import io
 import os
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from tfx.compression._common import count_params, load_weights_from_run, unwrap
+from tfx.compression._common import unwrap
 from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
 from tfx.core.technique import Plan, Stage, Technique
+from tfx.model.size import count_params, state_dict_bytes
 
 SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
 QAT_SCHEMES = ("int8", "int8a_int4w")
@@ -81,12 +81,6 @@ def save_quantized(model: nn.Module, path) -> int:
     return os.path.getsize(path)
 
 
-def _saved_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
-
-
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deepcopy of the unwrapped model with pruning masks folded in."""
     return make_permanent(copy.deepcopy(unwrap(model))).eval()
@@ -113,7 +107,7 @@ class PostTrainingQuant(Technique):
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         q = quantize_model(_plain_copy(model), self.scheme, self.group_size)
         size = save_quantized(q, os.path.join(out_dir, f"model_{self.scheme}.pt"))
-        dense = _saved_bytes(_plain_copy(model))
+        dense = state_dict_bytes(_plain_copy(model))
         return {f"ptq/{self.scheme}/bytes": size, f"ptq/{self.scheme}/size_ratio": size / dense}
 
 
@@ -181,19 +175,11 @@ class QAT(Technique):
                  from_checkpoint: Optional[str] = None) -> None:
         if scheme not in QAT_SCHEMES:
             raise ConfigError(f"compression.qat.scheme={scheme!r}; choose one of {', '.join(QAT_SCHEMES)}")
+        # from_checkpoint: loaded by the build order before SURGERY (not on a resume)
         self.scheme, self.group_size, self.from_checkpoint = scheme, group_size, from_checkpoint
-        self.restored = False
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        if self.from_checkpoint and not self.restored:
-            load_weights_from_run(model, self.from_checkpoint)
         return prepare_qat(model, self.scheme, self.group_size)
-
-    def state_dict(self):
-        return {"scheme": self.scheme}
-
-    def load_state_dict(self, state) -> None:
-        self.restored = True
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         fq = copy.deepcopy(unwrap(model)).eval()

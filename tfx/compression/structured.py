@@ -23,10 +23,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import count_params, load_weights_from_run
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Stage, Technique
+from tfx.model.size import count_params
 
 Keep = Dict[str, Dict[str, torch.Tensor]]  # layer -> {"heads": idx, "neurons": idx}
 
@@ -123,22 +123,18 @@ class StructuredPruning(Technique):
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.params_before = count_params(model)
-        if self.shapes:  # rebuilding a saved run: its weights are loaded next
+        if ctx.resuming:  # rebuild the recorded shapes: the weights are loaded next
+            shapes = ctx.structure_of(self).get("shapes", {})
             shrink(model, {layer: {"heads": torch.arange(s["heads"]), "neurons": torch.arange(s["d_ff"])}
-                           for layer, s in self.shapes.items()})
-        else:
-            if self.from_checkpoint:
-                load_weights_from_run(model, self.from_checkpoint)
+                           for layer, s in shapes.items()})
+        else:  # from_checkpoint weights were loaded by the build order before SURGERY
             prune_structured(model, self.head_ratio, self.neuron_ratio)
         self.params_after = count_params(model)
         self.shapes = layer_shapes(model)
         return model
 
-    def state_dict(self):
+    def structure(self):
         return {"shapes": self.shapes}
-
-    def load_state_dict(self, state) -> None:
-        self.shapes = dict(state.get("shapes", {}))
 
     def export(self, model, out_dir, ctx) -> Dict[str, float]:
         return {"structured/params": self.params_after,

@@ -3,17 +3,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the chosen techniques declared (see the fields of :class:`Technique`),
+    gathered once by :meth:`tfx.core.Plan.facts`. Hooks read these instead of looking
+    for other techniques by class."""
+
+    compute_dtype: Optional[torch.dtype] = None   # autocast dtype; None = fp32
+    skips_nonfinite: bool = False                 # the scaler skips non-finite steps itself
+    data_parallel: Optional[str] = None           # "ddp" | "fsdp" | None
+    shards_parameters: bool = False               # parameters are sharded DTensors
+    needs_single_ddp_bucket: bool = False         # PowerSGD on gloo
+    has_unused_parameters: bool = False           # DDP find_unused_parameters
+    needs_hidden: bool = False                    # the loss needs the final hidden state
+    from_checkpoint: Optional[str] = None         # trained weights to start from
 
 
 @dataclass(frozen=True)
 class RunContext:
     """Where and how the run executes. Built once, never mutated.
 
-    ``mesh`` is a ``torch.distributed.DeviceMesh`` when a parallel technique made one;
-    ``autocast_dtype`` is the compute dtype chosen by the precision group (None = fp32).
+    ``mesh`` is a ``torch.distributed.DeviceMesh`` when a parallel technique made one.
+    ``resuming`` is True when a checkpoint's weights and states will be loaded after
+    every technique was applied (a resume, ``load_run``, evaluate.py); ``structure``
+    then holds the structural decisions the checkpoint recorded, per technique key.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -21,7 +39,7 @@ class RunContext:
     local_rank: int = 0
     world_size: int = 1
     run_dir: Optional[Path] = None
-    autocast_dtype: Optional[torch.dtype] = None
+    facts: Facts = field(default_factory=Facts)
     mesh: Any = None
     seed: int = 0
     # data-parallel coordinates (differ from rank/world_size under TP/PP meshes)
@@ -29,6 +47,16 @@ class RunContext:
     dp_size: int = 1
     vocab_size: Optional[int] = None
     tokenizer_id: Optional[str] = None
+    resuming: bool = False
+    structure: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return self.facts.compute_dtype
+
+    def structure_of(self, technique) -> Mapping[str, Any]:
+        """The structural decisions a checkpoint recorded for ``technique`` ({} if none)."""
+        return self.structure.get(technique.key, {})
 
     @property
     def is_main(self) -> bool:

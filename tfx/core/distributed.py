@@ -42,6 +42,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -18,7 +18,3 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over non-ignored targets, computed in fp32."""
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_targets(labels: torch.Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())

@@ -17,8 +17,13 @@ COMM       communication hooks                              PowerSGD, fp16/bf16 
 ========== ================================================ ==============================
 
 Precision sits outside the model-transform order (it only supplies autocast, a
-loss scaler and the FSDP mixed-precision policy) and uses stage ``PRECISION``,
-which is applied first so later stages can read its dtype from the plan.
+loss scaler and the FSDP mixed-precision policy) and uses stage ``PRECISION``.
+
+Facts several techniques need are *declared* as typed class or instance fields on
+the technique that owns them (``compute_dtype``, ``skips_nonfinite``,
+``shards_parameters`` ...). :meth:`Plan.facts` gathers them once into a frozen
+:class:`~tfx.core.context.Facts`, which every hook reads from ``ctx.facts``: no
+technique searches the plan for another technique's class.
 
 Rules: all surgery happens before wrapping and before the optimizer exists;
 incompatible combinations fail in :meth:`Technique.validate` with a sentence naming
@@ -33,7 +38,7 @@ from typing import Any, ContextManager, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from tfx.core.context import RunContext, StepInfo
+from tfx.core.context import Facts, RunContext, StepInfo
 from tfx.core.errors import ConfigError
 
 
@@ -76,6 +81,25 @@ class Technique:
     #: True if ``transform_loss`` needs ``outputs["hidden"]`` (the final hidden state).
     needs_hidden: bool = False
 
+    # -- declared facts (gathered by Plan.facts into ctx.facts) ----------------------
+    #: the autocast compute dtype this technique chooses (precision group); None = no say
+    compute_dtype: Optional[torch.dtype] = None
+    #: True if this technique decides itself whether a non-finite step is skipped
+    #: (fp16's GradScaler); the loop then leaves non-finite steps to it
+    skips_nonfinite: bool = False
+    #: "ddp" or "fsdp" for the technique that replicates/shards over data-parallel ranks
+    data_parallel: Optional[str] = None
+    #: True if parameters become sharded DTensors (FSDP2): module hooks that multiply a
+    #: parameter by an unsharded tensor (torch.nn.utils.prune) cannot work
+    shards_parameters: bool = False
+    #: True if DDP on gloo must put all gradients in one bucket (PowerSGD deadlocks otherwise)
+    needs_single_ddp_bucket: bool = False
+    #: True if some parameters may get no gradient in a step (DDP's find_unused_parameters)
+    has_unused_parameters: bool = False
+    #: a tfx run whose trained weights this technique starts from (compression methods'
+    #: ``from_checkpoint``); loaded by the build order before SURGERY, not on resume
+    from_checkpoint: Optional[str] = None
+
     # -- before any tensor exists -------------------------------------------------
     def validate(self, plan: "Plan") -> None:
         """Raise :class:`ConfigError` if this technique cannot work with ``plan``."""
@@ -88,7 +112,17 @@ class Technique:
         return None
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Change or wrap the model. On a resume (``ctx.resuming``) the weights and this
+        technique's state are loaded *after* every technique was applied, once; a
+        structural decision made from data (ranks, kept heads) is rebuilt from
+        ``ctx.structure_of(self)`` instead of being taken again."""
         return model
+
+    def structure(self) -> Dict[str, Any]:
+        """Decisions that fix the model's shapes (low-rank ranks, kept heads), stored in
+        every checkpoint so a resume or ``load_run`` rebuilds the same shapes before the
+        weights are loaded. Training state goes in :meth:`state_dict` instead."""
+        return {}
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        ctx: RunContext) -> torch.optim.Optimizer:
@@ -196,6 +230,30 @@ class Plan:
     def has_stage(self, stage: Stage) -> bool:
         return any(t.stage == stage for t in self.techniques)
 
+    def facts(self) -> Facts:
+        """The declared facts of all techniques, checked for conflicts."""
+        return gather_facts(self.techniques)
+
+
+def _one(techniques: Sequence[Technique], field: str) -> Any:
+    """The value of a field at most one technique may declare (or all agree on)."""
+    values = {getattr(t, field) for t in techniques if getattr(t, field) is not None}
+    if len(values) > 1:
+        owners = [t.key for t in techniques if getattr(t, field) is not None]
+        raise ConfigError(f"{owners} disagree on {field} ({sorted(map(str, values))}); pick one")
+    return next(iter(values), None)
+
+
+def gather_facts(techniques: Sequence[Technique]) -> Facts:
+    return Facts(compute_dtype=_one(techniques, "compute_dtype"),
+                 skips_nonfinite=any(t.skips_nonfinite for t in techniques),
+                 data_parallel=_one(techniques, "data_parallel"),
+                 shards_parameters=any(t.shards_parameters for t in techniques),
+                 needs_single_ddp_bucket=any(t.needs_single_ddp_bucket for t in techniques),
+                 has_unused_parameters=any(t.has_unused_parameters for t in techniques),
+                 needs_hidden=any(t.needs_hidden for t in techniques),
+                 from_checkpoint=_one(techniques, "from_checkpoint"))
+
 
 class Pipeline:
     """Applies techniques in stage order and fans every hook out to all of them."""
@@ -296,6 +354,9 @@ class Pipeline:
 
     def state_dict(self) -> Dict[str, Any]:
         return {t.key: t.state_dict() for t in self.techniques}
+
+    def structure(self) -> Dict[str, Any]:
+        return {t.key: s for t in self.techniques if (s := t.structure())}
 
     def load_state_dict(self, states: Dict[str, Any]) -> None:
         for t in self.techniques:

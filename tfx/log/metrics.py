@@ -88,3 +88,16 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
             if line:
                 rows.append(json.loads(line))
     return rows
+
+
+EXPORT_SIZE_KEYS = ("bytes", "sparse_bytes")   # last segment of a compression export's size key
+
+
+def export_bytes(summary: Optional[Dict]) -> Optional[float]:
+    """Smallest artefact a compression technique exported (``prune/sparse_bytes``,
+    ``ptq/int8_dynamic/bytes``, ``compressed_export/bytes``); not ``*/dense_bytes`` nor
+    the ``mem/*_bytes`` and ``comm/*`` measurements of parallel runs."""
+    sizes = [v for k, v in (summary or {}).items()
+             if "/" in k and k.rsplit("/", 1)[1] in EXPORT_SIZE_KEYS
+             and k.split("/", 1)[0] not in ("mem", "comm") and isinstance(v, (int, float))]
+    return min(sizes) if sizes else None

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from tfx.log.metrics import export_bytes
+
 
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -57,8 +59,6 @@ class WandbLogger:
         self.run.log(metrics, step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
-        from tfx.report.table import export_bytes
-
         for k, v in values.items():
             self.run.summary[k] = v
         # The report's "export MB" column (smallest compressed artefact), so the W&B runs

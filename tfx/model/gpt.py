@@ -14,7 +14,7 @@ Kept as a plain ``nn.Module`` whose layout the parallel techniques rely on:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -26,8 +26,11 @@ from tfx.model.attention import AttentionKernel, DenseCausalAttention
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4096
-    block_size: int = 256
+    """tfx's GPT; also the ``model`` group's spec (``conf/model/{tiny,small,...}.yaml``):
+    :meth:`build` fills ``vocab_size``/``block_size`` left ``None`` from the data."""
+
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
+    block_size: Optional[int] = None  # None: data.seq_len
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
@@ -37,10 +40,23 @@ class GPTConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}={value} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+
+    def build(self, vocab_size: int, block_size: int) -> "GPT":
+        if self.block_size is not None and self.block_size < block_size:
+            raise ValueError(f"block_size={self.block_size} is shorter than data.seq_len={block_size}; "
+                             f"raise model.block_size or leave it null")
+        return GPT(replace(self, vocab_size=self.vocab_size or vocab_size,
+                           block_size=self.block_size or block_size))
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +114,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        if cfg.vocab_size is None or cfg.block_size is None:
+            raise ValueError("GPTConfig needs vocab_size and block_size (GPTConfig.build fills them)")
         self.cfg = cfg
         self.tok_emb: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb: Optional[nn.Embedding] = nn.Embedding(cfg.block_size, cfg.d_model)

@@ -1,6 +1,7 @@
 """Parallel training: DDP, FSDP2, tensor/sequence parallel, pipeline parallel, 2-D
-FSDP+TP, gradient-communication hooks, and the self-launcher that lets
-``python train.py parallel=ddp`` start its own workers.
+FSDP+TP and gradient-communication hooks. The self-launcher that lets
+``python train.py parallel=ddp`` start its own workers sits with the entry points
+(:mod:`tfx.launch`).
 
 Each mode is a :class:`tfx.core.Technique`; the functions (``apply_ddp``,
 ``apply_fsdp``, ``apply_tp`` ...) work without the pipeline or Hydra.

@@ -23,7 +23,7 @@ def default_nproc() -> int:
 
 class ParallelTechnique(Technique):
     """Base of the ``parallel`` group. ``nproc_per_node`` is read by the launcher
-    (:mod:`tfx.parallel.launch`) when train.py starts its own workers."""
+    (:mod:`tfx.launch`) when train.py starts its own workers."""
 
     #: how many processes this mode needs at least
     min_world: int = 2

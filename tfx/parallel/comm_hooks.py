@@ -26,10 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tfx.core import ConfigError, RunContext, Stage, Technique
 
-#: DDP bucket size that makes one bucket of any model we train (PowerSGD on gloo).
-SINGLE_BUCKET_MB = 1e6
-
-
 def bf16_cast_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket) -> torch.futures.Future:
     """``bf16_compress_hook`` for backends whose check refuses it (gloo)."""
     group = process_group if process_group is not None else dist.group.WORLD
@@ -53,9 +49,7 @@ class CommHook(Technique):
         self._last: Optional[int] = None
 
     def validate(self, plan) -> None:
-        from tfx.parallel.ddp import DDP
-
-        if plan.find(DDP) is None:
+        if plan.facts().data_parallel != "ddp":
             raise ConfigError(f"compression={self.key} compresses DDP's gradient all-reduce; add "
                               f"parallel=ddp (FSDP2 reduces in the precision group's dtype instead)")
 
@@ -125,12 +119,8 @@ class PowerSGD(CommHook):
         self.use_error_feedback, self.warm_start = use_error_feedback, warm_start
         self._before = 0
 
-    def validate(self, plan) -> None:
-        super().validate(plan)
-        from tfx.parallel.ddp import DDP
-
-        if plan.device_type == "cpu":  # gloo: more than one bucket deadlocks PowerSGD
-            plan.find(DDP).require_single_bucket(SINGLE_BUCKET_MB, "PowerSGD on gloo")
+    #: gloo: more than one bucket deadlocks PowerSGD; DDP reads this from ctx.facts
+    needs_single_ddp_bucket = True
 
     def hook_and_state(self, ctx: RunContext):
         state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=self.rank,

@@ -16,18 +16,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tfx.core import RunContext, Stage
 from tfx.parallel.base import ParallelTechnique
 
+#: DDP bucket size that makes one bucket of any model we train (PowerSGD on gloo).
+SINGLE_BUCKET_MB = 1e6
+
 
 def apply_ddp(model: nn.Module, ctx: RunContext, bucket_cap_mb: Optional[float] = None,
               gradient_as_bucket_view: bool = True) -> DistributedDataParallel:
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     kwargs = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
     return DistributedDataParallel(model, device_ids=device_ids,
-                                   gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+                                   gradient_as_bucket_view=gradient_as_bucket_view,
+                                   find_unused_parameters=ctx.facts.has_unused_parameters, **kwargs)
 
 
 class DDP(ParallelTechnique):
     stage = Stage.DATA_PARALLEL
     name = "ddp"
+    data_parallel = "ddp"
 
     def __init__(self, nproc_per_node: Optional[int] = None, bucket_cap_mb: Optional[float] = None,
                  gradient_as_bucket_view: bool = True) -> None:
@@ -35,17 +40,20 @@ class DDP(ParallelTechnique):
         self.bucket_cap_mb = bucket_cap_mb
         self.gradient_as_bucket_view = gradient_as_bucket_view
 
-    def require_single_bucket(self, cap_mb: float, why: str) -> None:
-        """Called by comm hooks that need every gradient in one bucket."""
-        if self.bucket_cap_mb is not None and self.bucket_cap_mb < cap_mb:
-            print(f"parallel.bucket_cap_mb={self.bucket_cap_mb} raised to {cap_mb:g}: {why} needs one bucket")
-        self.bucket_cap_mb = cap_mb
+    def bucket_cap(self, ctx: RunContext) -> Optional[float]:
+        """The configured cap, raised to one bucket when a comm hook on gloo needs it."""
+        if not (ctx.facts.needs_single_ddp_bucket and ctx.device_type == "cpu"):
+            return self.bucket_cap_mb
+        if self.bucket_cap_mb is not None and self.bucket_cap_mb < SINGLE_BUCKET_MB and ctx.is_main:
+            print(f"parallel.bucket_cap_mb={self.bucket_cap_mb} raised to {SINGLE_BUCKET_MB:g}: "
+                  f"PowerSGD on gloo needs one bucket")
+        return SINGLE_BUCKET_MB
 
     def device_mesh(self, ctx: RunContext):
         return init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return apply_ddp(model, ctx, self.bucket_cap_mb, self.gradient_as_bucket_view)
+        return apply_ddp(model, ctx, self.bucket_cap(ctx), self.gradient_as_bucket_view)
 
     def step_context(self, model, info, ctx: RunContext):
         stack = contextlib.ExitStack()

@@ -50,26 +50,22 @@ class FSDP(ParallelTechnique):
     stage = Stage.DATA_PARALLEL
     name = "fsdp"
 
+    data_parallel = "fsdp"
+    shards_parameters = True
+
     def __init__(self, nproc_per_node: Optional[int] = None, reshard_after_forward: bool = True,
                  cpu_offload: bool = False, mixed_precision: bool = True) -> None:
         super().__init__(nproc_per_node)
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
         self.mixed_precision = mixed_precision
-        self._compute_dtype: Optional[torch.dtype] = None
-
-    def validate(self, plan) -> None:
-        super().validate(plan)
-        from tfx.precision import Precision
-
-        prec = plan.find(Precision)
-        self._compute_dtype = prec.compute_dtype if (prec and self.mixed_precision) else None
 
     def device_mesh(self, ctx: RunContext):
         return init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("dp",))
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        return apply_fsdp(model, dp_mesh(ctx), mixed_precision_policy(self._compute_dtype),
+        dtype = ctx.facts.compute_dtype if self.mixed_precision else None
+        return apply_fsdp(model, dp_mesh(ctx), mixed_precision_policy(dtype),
                           self.cpu_offload, self.reshard_after_forward)
 
     def clip_grad_norm(self, model, max_norm: float):

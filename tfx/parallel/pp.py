@@ -31,7 +31,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from tfx.core import ConfigError, RunContext, Stage
 from tfx.parallel.base import ParallelTechnique
 from tfx.parallel.clip import clip_grad_norm
-from tfx.train.loss import IGNORE_INDEX, ce_sum
+from tfx.core.loss import IGNORE_INDEX, ce_sum
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

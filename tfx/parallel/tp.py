@@ -94,9 +94,7 @@ class TensorParallel(ParallelTechnique):
         if plan.world_size % tp:
             raise ConfigError(f"parallel tp degree={tp} does not divide the world size {plan.world_size}; "
                               f"set the degree to a divisor of {plan.world_size}")
-        from tfx.parallel.fsdp import FSDP
-
-        if plan.world_size // tp > 1 and plan.find(FSDP) is None:
+        if plan.world_size // tp > 1 and plan.facts().data_parallel != "fsdp":
             raise ConfigError(f"{plan.world_size} processes with tensor-parallel degree {tp} leave "
                               f"{plan.world_size // tp} data-parallel replicas but no data-parallel "
                               f"technique; use parallel=fsdp_tp or set degree={plan.world_size}")

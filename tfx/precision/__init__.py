@@ -2,8 +2,8 @@
 
 The technique supplies the autocast context for each micro-step and, for fp16, owns
 the optimizer step through ``torch.amp.GradScaler`` (whose state is checkpointed).
-Parallel techniques read :attr:`Precision.param_dtype`/``reduce_dtype`` to build
-FSDP2's ``MixedPrecisionPolicy`` from the same choice.
+It declares ``compute_dtype`` (read by FSDP2's ``MixedPrecisionPolicy`` and by
+distillation's teacher through ``ctx.facts``) and, for fp16, ``skips_nonfinite``.
 """
 from __future__ import annotations
 
@@ -28,21 +28,16 @@ class Precision(Technique):
         self.name = dtype
         self.init_scale = init_scale
         self.growth_interval = growth_interval
+        # declared facts: the autocast dtype (None = full fp32) and who skips inf/nan steps
+        self.compute_dtype: Optional[torch.dtype] = None if dtype == "fp32" else DTYPES[dtype]
+        self.skips_nonfinite = dtype == "fp16"
         self.scaler: Optional[torch.amp.GradScaler] = None
-        self._pending_scaler_state = None
-
-    @property
-    def compute_dtype(self) -> Optional[torch.dtype]:
-        """The autocast dtype, or None for full fp32."""
-        return None if self.dtype_name == "fp32" else DTYPES[self.dtype_name]
 
     def apply_to_model(self, model, ctx: RunContext):
-        if self.dtype_name == "fp16":
+        if self.skips_nonfinite:
             # GradScaler works on CPU too (torch>=2.3); on CPU it exercises the same path.
             self.scaler = torch.amp.GradScaler(ctx.device_type, init_scale=self.init_scale,
                                                growth_interval=self.growth_interval)
-            if self._pending_scaler_state:
-                self.scaler.load_state_dict(self._pending_scaler_state)
         return model
 
     def step_context(self, model, info, ctx: RunContext):
@@ -66,16 +61,10 @@ class Precision(Technique):
         # The scaler lowers its scale exactly when it skipped the step (inf/nan grads).
         return self.scaler.get_scale() >= scale
 
-    @property
-    def skips_nonfinite(self) -> bool:
-        return self.scaler is not None
-
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_state_dict(self, state):
-        if state.get("scaler"):
-            if self.scaler is not None:
-                self.scaler.load_state_dict(state["scaler"])
-            else:
-                self._pending_scaler_state = state["scaler"]
+        # called once, after apply_to_model made the scaler
+        if state.get("scaler") and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])

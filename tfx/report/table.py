@@ -10,6 +10,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from tfx.log.metrics import export_bytes
 from tfx.report.runs import JobRecord, ReportError
 
 # (key, column title, source, scale): the columns of every report and of the W&B table.
@@ -22,19 +23,6 @@ METRICS = (
     ("export_mb", "export MB", "export", 1 / 2 ** 20),    # smallest compressed artefact (*/bytes)
 )
 SOURCE_KEYS = {"size_mb": "size_on_disk_bytes"}
-
-
-EXPORT_SIZE_KEYS = ("bytes", "sparse_bytes")   # last segment of a compression export's size key
-
-
-def export_bytes(summary: Optional[Dict]) -> Optional[float]:
-    """Smallest artefact a compression technique exported (``prune/sparse_bytes``,
-    ``ptq/int8_dynamic/bytes``, ``compressed_export/bytes``); not ``*/dense_bytes`` nor
-    the ``mem/*_bytes`` and ``comm/*`` measurements of parallel runs."""
-    sizes = [v for k, v in (summary or {}).items()
-             if "/" in k and k.rsplit("/", 1)[1] in EXPORT_SIZE_KEYS
-             and k.split("/", 1)[0] not in ("mem", "comm") and isinstance(v, (int, float))]
-    return min(sizes) if sizes else None
 
 
 @dataclass

@@ -1,135 +1,24 @@
 """One training job from a composed config: build, (resume,) train, evaluate, summarise.
 
 ``train.py`` is a thin Hydra wrapper around :func:`train`; tests and notebooks call
-:func:`build` and :func:`train` directly.
+:func:`build` (the build order, :mod:`tfx.train.build`) and :func:`train` directly.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
-import torch
 from omegaconf import DictConfig
 
-from tfx.ckpt import load_checkpoint, resolve_resume
-from tfx.config import build_techniques, check_choices
-from tfx.core import CheckpointError, Pipeline, Plan, RunContext, Technique
-from tfx.core.technique import structural_order
-from tfx.data import BlockLoader, TokenData, prepare_data
-from tfx.evaluation import count_params
-from tfx.log import MetricsWriter, WandbLogger, peak_memory_mb, reset_peak_memory
-from tfx.optim import build_optimizer, build_scheduler
-from tfx.train import distributed
-from tfx.train.build import autocast_dtype, build_model, config_dict, resolve_device, seed_everything
-from tfx.train.trainer import LoopConfig, Trainer
+from tfx.ckpt import RunDirLock, clean_stale_temps
+from tfx.core import distributed
+from tfx.data import TokenData
+from tfx.log import WandbLogger, peak_memory_mb, reset_peak_memory
+from tfx.model import count_params
+from tfx.train.build import Job, build, config_dict, flops_fn, resolve_device
 
-# bf16 dense peak of known accelerators, for MFU. CPUs: unknown (MFU not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-@dataclass
-class Job:
-    """Everything :func:`build` made; ``trainer.fit`` runs it."""
-    cfg: DictConfig
-    ctx: RunContext
-    data: TokenData
-    model: torch.nn.Module
-    pipeline: Pipeline
-    trainer: Trainer
-    run_dir: Path
-    ckpt_dir: Path
-    resumed_from: Optional[Path]
-
-
-def _context(cfg: DictConfig, techniques, run_dir: Path, data: Optional[TokenData],
-             mesh=None) -> RunContext:
-    rank, local_rank, world = distributed.env_world()
-    device = resolve_device(cfg.trainer.device)
-    dp_rank, dp_size = distributed.dp_coords(mesh, rank, world)
-    return RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world,
-                      run_dir=run_dir, autocast_dtype=autocast_dtype(techniques), seed=cfg.seed,
-                      mesh=mesh, dp_rank=dp_rank, dp_size=dp_size,
-                      vocab_size=data.vocab_size if data else None,
-                      tokenizer_id=data.cache_path.name if data else None)
-
-
-def _prepare_data(cfg: DictConfig, ctx: RunContext) -> TokenData:
-    # Rank 0 builds the cache; the others then read it instead of all building it.
-    if ctx.is_main:
-        data = prepare_data(cfg.data)
-    distributed.barrier()
-    return data if ctx.is_main else prepare_data(cfg.data)
-
-
-def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
-          extra_techniques: Sequence[Technique] = ()) -> Job:
-    """Build a job; ``extra_techniques`` (e.g. test probes) join the configured ones."""
-    check_choices(cfg)
-    run_dir = Path(run_dir)
-    techniques = build_techniques(cfg) + list(extra_techniques)
-    device = resolve_device(cfg.trainer.device)
-    distributed.init_distributed(device)
-    ctx = _context(cfg, techniques, run_dir, None)
-    pipeline = Pipeline(techniques)
-    pipeline.validate(Plan(techniques, world_size=ctx.world_size, device_type=device.type,
-                           accum_steps=cfg.optim.accum_steps))
-    data = data or _prepare_data(cfg, ctx)
-    ctx = _context(cfg, techniques, run_dir, data, mesh=pipeline.device_mesh(ctx))
-
-    ckpt_dir = run_dir / "checkpoints"
-    resume_path = resolve_resume(cfg.resume, ckpt_dir)
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        _check_resumable(state, pipeline, resume_path)
-        pipeline.load_state_dict(state.get("techniques", {}))
-
-    seed_everything(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg.model, data.vocab_size, cfg.data.seq_len).to(ctx.device)
-    model = pipeline.apply_to_model(model, ctx)
-    optim = cfg.optim
-    optimizer = build_optimizer(model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
-                                betas=optim.betas, eps=optim.eps, momentum=optim.momentum)
-    optimizer = pipeline.wrap_optimizer(optimizer, model, ctx)
-    scheduler = build_scheduler(optimizer, optim.schedule, optim.warmup_steps,
-                                cfg.trainer.max_steps, optim.min_lr_ratio)
-    loader = BlockLoader(data.train, cfg.trainer.batch_size, seed=cfg.seed,
-                         rank=ctx.dp_rank, world_size=ctx.dp_size)
-    t = cfg.trainer
-    loop = LoopConfig(max_steps=t.max_steps, accum_steps=optim.accum_steps, grad_clip=optim.grad_clip,
-                      log_every=t.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
-                      eval_batch_size=t.batch_size, ckpt_every=t.ckpt_every, keep_last=t.keep_last,
-                      max_bad_steps=t.max_bad_steps, progress=t.progress)
-    raw = _unwrapped_gpt(model)
-    meta = {"config": config_dict(cfg), "vocab_size": data.vocab_size, "tokenizer_id": ctx.tokenizer_id}
-    trainer = Trainer(model, optimizer, scheduler, pipeline, loader, data.val, ctx, loop,
-                      MetricsWriter(run_dir, enabled=ctx.is_main), checkpoint_meta=meta,
-                      flops_per_token=raw.flops_per_token(cfg.data.seq_len) if raw else 0.0,
-                      peak_flops=peak_flops(ctx.device))
-    if state is not None:
-        trainer.load_state(state)
-    return Job(cfg, ctx, data, model, pipeline, trainer, run_dir, ckpt_dir, resume_path)
-
-
-def _unwrapped_gpt(model):
-    from tfx.model import GPT
-
-    return next((m for m in model.modules() if isinstance(m, GPT)), None)
-
-
-def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, path: Path) -> None:
-    saved, now = state.get("technique_order", []), pipeline.order()
-    if structural_order(saved) != structural_order(now):  # parallel layouts may differ
-        raise CheckpointError(f"{path} was trained with techniques {saved} but this run has {now}; "
-                              f"resume with the same techniques, or start fresh with resume=never")
+__all__ = ["Job", "build", "print_summary", "train"]
 
 
 def _throughput(step_times: List[float], tokens_per_step: int) -> float:
@@ -144,6 +33,19 @@ def train(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Optio
     """Run one job; return (and on rank 0 write) the summary."""
     start = time.perf_counter()
     reset_peak_memory(resolve_device(cfg.trainer.device))  # multirun jobs share a process
+    lock = RunDirLock(run_dir) if distributed.env_world()[0] == 0 else None
+    if lock is not None:
+        lock.acquire()  # a second run on this directory refuses instead of interleaving
+    try:
+        return _train_locked(cfg, run_dir, run_name, group, data, start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, run_dir, run_name, group, data, start) -> Dict[str, Any]:
+    if distributed.env_world()[0] == 0:
+        clean_stale_temps(Path(run_dir) / "checkpoints")  # left by crashed runs
     job = build(cfg, run_dir, data=data)
     ctx, trainer = job.ctx, job.trainer
     wandb = _start_wandb(cfg, job, run_name, group) if ctx.is_main else None
@@ -153,7 +55,7 @@ def train(cfg: DictConfig, run_dir, run_name: Optional[str] = None, group: Optio
         if job.resumed_from is not None and ctx.is_main:
             print(f"resumed from {job.resumed_from} at step {trainer.state.step}")
         trainer.install_signal_handlers()
-        result = trainer.fit(job.ckpt_dir)
+        result = trainer.fit()
         summary = _finish(job, result, run_name, time.perf_counter() - start)
         if wandb is not None:
             wandb.summary(summary)
@@ -176,10 +78,11 @@ def _start_wandb(cfg, job: Job, run_name, group):
 
 def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[str, Any]:
     cfg, ctx, trainer = job.cfg, job.ctx, job.trainer
-    val = trainer.evaluate(max_batches=cfg.trainer.final_eval_batches)
-    tokens_per_step = cfg.trainer.batch_size * cfg.optim.accum_steps * ctx.dp_size * cfg.data.seq_len
+    val = trainer.evaluate(max_batches=job.loop.final_eval_batches)
+    loop = job.loop
+    tokens_per_step = loop.batch_size * loop.accum_steps * ctx.dp_size * cfg.data.seq_len
     tps = _throughput(result["step_times"], tokens_per_step)
-    raw = _unwrapped_gpt(job.model)
+    fpt = flops_fn(job.model)
     summary = {
         "run_name": run_name or job.run_dir.name,
         "val_loss": val["loss"], "val_ppl": val["ppl"],
@@ -187,7 +90,7 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "step_time_ms": 1000 * tokens_per_step / tps if tps else float("nan"),
         "peak_mem_mb": peak_memory_mb(ctx.device),
         "params": count_params(job.model),
-        "step": trainer.state.step, "max_steps": cfg.trainer.max_steps,
+        "step": trainer.state.step, "max_steps": loop.max_steps,
         "tokens_seen": trainer.state.tokens_seen, "skipped_steps": trainer.state.skipped_steps,
         "techniques": job.pipeline.order(),
         "stopped_early": result["stopped"],
@@ -196,8 +99,8 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "wall_time_s": wall_s,
         "run_dir": str(job.run_dir),
     }
-    if raw is not None:
-        achieved = raw.flops_per_token(cfg.data.seq_len) * tps
+    if fpt is not None:
+        achieved = fpt(cfg.data.seq_len) * tps
         summary["tflops"] = achieved / 1e12
         if trainer.peak_flops:
             summary["mfu"] = achieved / trainer.peak_flops

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tfx.ckpt import capture_rng, prune_checkpoints, restore_rng, save_checkpoint
+from tfx.ckpt import CheckpointManager, RNGState
+from tfx.config import TrainerConfig
 from tfx.core import Pipeline, RunContext, StepInfo, TrainingError
-from tfx.data import BlockLoader, TokenBlocks, eval_batches
+from tfx.core.loss import IGNORE_INDEX, ce_sum
+from tfx.data import BlockLoader, TokenBlocks
+from tfx.evaluation import evaluate_lm
 from tfx.log import MetricsWriter, peak_memory_mb
-from tfx.train.loss import IGNORE_INDEX, ce_sum
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -29,47 +31,43 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LoopConfig:
-    max_steps: int
-    accum_steps: int = 1
-    grad_clip: Optional[float] = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 20
-    eval_batch_size: int = 16
-    ckpt_every: int = 100
-    keep_last: int = 2
-    max_bad_steps: int = 3
-    progress: bool = True
-
-
-@dataclass
 class LoopState:
+    """The loop's counters; a stateful part of every checkpoint."""
+
     step: int = 0
     tokens_seen: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer, scheduler, pipeline: Pipeline,
-                 loader: BlockLoader, val_blocks: TokenBlocks, ctx: RunContext, loop: LoopConfig,
-                 metrics: MetricsWriter, wandb=None, checkpoint_meta: Optional[Dict[str, Any]] = None,
+                 loader: BlockLoader, val_blocks: TokenBlocks, ctx: RunContext, loop: TrainerConfig,
+                 metrics: MetricsWriter, ckpt_dir: Path, wandb=None,
+                 checkpoint_meta: Optional[Dict[str, Any]] = None,
                  flops_per_token: float = 0.0, peak_flops: Optional[float] = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.pipeline, self.loader, self.val_blocks = pipeline, loader, val_blocks
         self.ctx, self.loop, self.metrics, self.wandb = ctx, loop, metrics, wandb
-        self.meta = checkpoint_meta or {}
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.state = LoopState()
+        self.checkpoints = CheckpointManager(
+            ckpt_dir, model, optimizer,
+            parts={"scheduler": scheduler, "techniques": pipeline, "loader": loader,
+                   "rng": RNGState(), "loop": self.state},
+            meta={**(checkpoint_meta or {}), "technique_order": pipeline.order(),
+                  "structure": pipeline.structure()},
+            keep_last=loop.keep_last, distributed=ctx.distributed, is_main=ctx.is_main)
         self.callbacks: List[Callable[["Trainer"], None]] = []
-        self.last_ckpt: Optional[Path] = None
         self._stop_reason: Optional[str] = None
-        self._needs_hidden = any(t.needs_hidden for t in pipeline.techniques)
-        # fp16's GradScaler skips non-finite steps itself (the scaler exists by now:
-        # techniques were applied to the model before the trainer is built)
-        self._scaler_skips = any(getattr(t, "skips_nonfinite", False) for t in pipeline.techniques)
 
     # -- stopping ------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -115,9 +113,10 @@ class Trainer:
         """One micro-step; returns its share of the objective (before ``loss_mult``)."""
         ctx = self.ctx
         with self.pipeline.step_context(self.model, info, ctx):
-            out = self.model(batch["input_ids"], return_hidden=self._needs_hidden) \
-                if self._needs_hidden else self.model(batch["input_ids"])
-            logits, hidden = (out if self._needs_hidden else (out, None))
+            needs_hidden = ctx.facts.needs_hidden
+            out = self.model(batch["input_ids"], return_hidden=True) if needs_hidden \
+                else self.model(batch["input_ids"])
+            logits, hidden = (out if needs_hidden else (out, None))
             s = ce_sum(logits, batch["labels"])
             outputs = {"logits": logits, "hidden": hidden, "ce_sum": s, "norm": norm}
             loss = self.pipeline.transform_loss(s / norm, batch, outputs, info, ctx)
@@ -149,11 +148,12 @@ class Trainer:
 
     def _guarded_step(self, loss: float) -> bool:
         """Step unless the loss is non-finite; fp16's scaler decides for itself."""
-        if not self._scaler_skips and not math.isfinite(loss):
+        if not self.ctx.facts.skips_nonfinite and not math.isfinite(loss):
             self.state.bad_steps += 1
             self.state.skipped_steps += 1
             if self.state.bad_steps >= self.loop.max_bad_steps:
-                where = f"; last good checkpoint: {self.last_ckpt}" if self.last_ckpt else ""
+                last = self.checkpoints.last
+                where = f"; last good checkpoint: {last}" if last else ""
                 raise TrainingError(f"loss was non-finite for {self.state.bad_steps} consecutive steps "
                                     f"at step {self.state.step}; lower optim.lr or use precision=fp32"
                                     f"{where}")
@@ -168,88 +168,32 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, blocks: Optional[TokenBlocks] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
-        from tfx.evaluation import evaluate_lm
-
-        info = StepInfo(self.state.step)
+        """Validation loss/ppl; through the technique that owns the forward (pipeline
+        stages) when there is one."""
         owner = self.pipeline.forward_owner()
-        if owner is not None:
-            return self._evaluate_with(owner, blocks or self.val_blocks, max_batches)
-        with self.pipeline.step_context(self.model, info, self.ctx):
-            return evaluate_lm(self.model, blocks or self.val_blocks, self.loop.eval_batch_size,
-                               self.ctx.device, max_batches=max_batches, ctx=self.ctx)
-
-    def _evaluate_with(self, owner, blocks: TokenBlocks, max_batches: Optional[int]) -> Dict[str, float]:
-        """Evaluation through the technique that owns the forward (pipeline stages)."""
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in eval_batches(blocks, self.loop.eval_batch_size, max_batches):
-            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-            total += float(owner.eval_ce_sum(self.model, batch, self.ctx))
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
-        self.model.train(was_training)
-        loss = total / max(1, count)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        ce = (lambda model, batch: owner.eval_ce_sum(model, batch, self.ctx)) if owner is not None else None
+        with self.pipeline.step_context(self.model, StepInfo(self.state.step), self.ctx):
+            return evaluate_lm(self.model, blocks or self.val_blocks, self.loop.batch_size,
+                               self.ctx.device, max_batches=max_batches, ce_sum_fn=ce)
 
     # -- checkpoints -----------------------------------------------------------------
+    @property
+    def last_ckpt(self) -> Optional[Path]:
+        return self.checkpoints.last
+
     def checkpoint_state(self, tensors: bool = True) -> Dict[str, Any]:
-        """Everything a resume needs; ``tensors=False`` leaves out model and optimizer
-        (a sharded checkpoint stores those through DCP)."""
-        state = {
-            "step": self.state.step,
-            "scheduler": self.scheduler.state_dict(),
-            "techniques": self.pipeline.state_dict(),
-            "technique_order": self.pipeline.order(),
-            "loader": self.loader.state_dict(),
-            "rng": capture_rng(),
-            "loop": {"tokens_seen": self.state.tokens_seen, "skipped_steps": self.state.skipped_steps,
-                     **self.state.extra},
-            **self.meta,
-        }
-        if tensors:
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-        return state
+        return self.checkpoints.state(tensors)
 
-    def save_checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
-        if self.ctx.distributed:  # every rank writes its shards
-            from tfx.ckpt.sharded import save_sharded
-
-            path = save_sharded(self.model, self.optimizer, self.checkpoint_state(tensors=False),
-                                ckpt_dir, self.state.step)
-        elif self.ctx.is_main:
-            path = save_checkpoint(self.checkpoint_state(), ckpt_dir, self.state.step)
-        if not self.ctx.is_main:
-            return None
-        self.last_ckpt = path
-        prune_checkpoints(ckpt_dir, self.loop.keep_last)
-        return self.last_ckpt
+    def save_checkpoint(self) -> Optional[Path]:
+        return self.checkpoints.save(self.state.step)
 
     def load_state(self, state: Dict[str, Any]) -> None:
-        """Restore everything but the model weights' structure (already re-applied)."""
-        self._load_tensors(state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.pipeline.load_state_dict(state.get("techniques", {}))
-        self.loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
-        self.state.step = int(state["step"])
-        self.state.tokens_seen = int(state["loop"].get("tokens_seen", 0))
-        self.state.skipped_steps = int(state["loop"].get("skipped_steps", 0))
-
-    def _load_tensors(self, state: Dict[str, Any]) -> None:
-        if "sharded" in state:  # DCP reshards to this run's layout, any world size
-            from tfx.ckpt.sharded import load_sharded
-
-            load_sharded(self.model, self.optimizer, Path(state["sharded"]))
-        elif self.ctx.distributed:  # a single-process checkpoint continued on several ranks
-            from tfx.ckpt.sharded import load_full_into
-
-            load_full_into(self.model, self.optimizer, state)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        """Restore every stateful part, once (the build order calls this after every
+        technique was applied and the optimizer exists)."""
+        self.checkpoints.load(state)
 
     # -- the loop --------------------------------------------------------------------
-    def fit(self, ckpt_dir: Path) -> Dict[str, Any]:
+    def fit(self) -> Dict[str, Any]:
         loop = self.loop
         bar = self._progress_bar()
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
@@ -278,11 +222,11 @@ class Trainer:
                 cb(self)
             healthy = self.state.bad_steps == 0  # never checkpoint inside a non-finite streak
             if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps and healthy:
-                self.save_checkpoint(ckpt_dir)
+                self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self._stop_reason is not None or self.state.step >= loop.max_steps:
-            self.save_checkpoint(ckpt_dir)
+            self.save_checkpoint()
         return {"step_times": step_times, "stopped": self._stop_reason, "last_eval": last_eval}
 
     def _progress_bar(self):
