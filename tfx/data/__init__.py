@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tfx.core.errors import ConfigError
+from tfx.core.errors import ConfigError, DataError
 
 from tfx.data.blocks import TokenBlocks
 from tfx.data.config import DataConfig, TokenizerConfig
@@ -56,7 +56,13 @@ def prepare_data(cfg) -> TokenData:
     """Load, tokenize and pack the data ``cfg`` describes, reusing the on-disk cache."""
     cfg = to_data_config(cfg)
     path, meta, tokenizer = load_or_build(cfg)
+    if cfg.seq_len < 1:
+        raise ConfigError(f"data.seq_len={cfg.seq_len} must be >= 1")
     blocks = {s: TokenBlocks(open_stream(path, s, meta), cfg.seq_len)
               for s in ("train", "validation", "test")}
+    for split in ("train", "validation"):  # an empty split would report loss 0.0 (ppl 1.00)
+        if len(blocks[split]) == 0:
+            raise DataError(f"the {split} split has {blocks[split].n_tokens:,} tokens, fewer than one "
+                            f"block of data.seq_len={cfg.seq_len} + 1; lower data.seq_len or use more data")
     return TokenData(train=blocks["train"], val=blocks["validation"], test=blocks["test"],
                      tokenizer=tokenizer, cache_path=path, dtype=meta["dtype"])

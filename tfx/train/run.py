@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -12,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig
 
 from tfx.ckpt import RunDirLock, clean_stale_temps
-from tfx.core import distributed
+from tfx.core import TrainingError, distributed
 from tfx.data import TokenData
 from tfx.log import WandbLogger, peak_memory_mb, reset_peak_memory
 from tfx.model import count_params
@@ -79,6 +80,11 @@ def _start_wandb(cfg, job: Job, run_name, group):
 def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[str, Any]:
     cfg, ctx, trainer = job.cfg, job.ctx, job.trainer
     val = trainer.evaluate(max_batches=job.loop.final_eval_batches)
+    if not math.isfinite(val["loss"]):  # never a summary (or an Optuna objective) of nan
+        last = trainer.last_ckpt
+        raise TrainingError(f"final validation loss is {val['loss']} after {trainer.state.step} steps; "
+                            f"lower optim.lr or use precision=fp32"
+                            + (f"; last checkpoint: {last}" if last else ""))
     loop = job.loop
     tokens_per_step = loop.batch_size * loop.accum_steps * ctx.dp_size * cfg.data.seq_len
     tps = _throughput(result["step_times"], tokens_per_step)

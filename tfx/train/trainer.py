@@ -205,7 +205,7 @@ class Trainer:
             out = self.train_step()
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            window["loss"] += out["loss"] if math.isfinite(out["loss"]) else 0.0
+            window["loss"] += out["loss"]  # a non-finite step shows as nan/inf, not as 0.0
             window["n"] += 1
             window["tokens"] += self.state.tokens_seen - tokens_before
             step = self.state.step
@@ -225,7 +225,8 @@ class Trainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        if self._stop_reason is not None or self.state.step >= loop.max_steps:
+        done = self._stop_reason is not None or self.state.step >= loop.max_steps
+        if done and self.state.bad_steps == 0:  # never a checkpoint of a non-finite streak
             self.save_checkpoint()
         return {"step_times": step_times, "stopped": self._stop_reason, "last_eval": last_eval}
 
