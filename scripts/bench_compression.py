@@ -47,7 +47,8 @@ from tfx.compression import make_permanent, quantize_model, save_sparse  # noqa:
 from tfx.compression.quantize import convert_qat, save_quantized  # noqa: E402
 from tfx.core import TfxError  # noqa: E402
 from tfx.data import prepare_data  # noqa: E402
-from tfx.evaluation import count_params, evaluate_lm, inference_speed, state_dict_bytes  # noqa: E402
+from tfx.evaluation import evaluate_lm, inference_speed  # noqa: E402
+from tfx.model import count_params, state_dict_bytes  # noqa: E402
 from tfx.train.run import train  # noqa: E402
 
 
