@@ -49,6 +49,8 @@ class RunContext:
     tokenizer_id: Optional[str] = None
     resuming: bool = False
     structure: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: the train split (``tfx.data.TokenBlocks``): calibration data for one-shot methods
+    train_data: Any = None
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:

@@ -145,6 +145,7 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
         _check_resumable(state, pipeline, cfg, data, resume_path)
     ctx = dataclasses.replace(ctx, mesh=mesh, dp_rank=dp_rank, dp_size=dp_size,
                               vocab_size=data.vocab_size, tokenizer_id=data.cache_path.name,
+                              train_data=data.train,
                               resuming=state is not None,
                               structure=saved_structure(state) if state is not None else {})
     # 4. model, trained weights to start from, techniques in stage order
