@@ -27,6 +27,7 @@ nothing to do with the kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -79,7 +80,7 @@ def peak_mib(fn, q, k, v) -> float:
         base = torch.cuda.memory_allocated()
         fwd_bwd(fn, q, k, v)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fwd_bwd(fn, q, k, v)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -89,6 +90,22 @@ def peak_mib(fn, q, k, v) -> float:
         return float("nan")
     base = events[0]["Total Allocated"] - events[0]["Bytes"]
     return (max(e["Total Allocated"] for e in events) - base) / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto writes 'USDT ... profiler_start/stop' from C++ straight to fd 2 on every
+    profile; keep those lines out of the table (Python warnings are unaffected)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
 
 
 def variants(args, device):

@@ -5,6 +5,7 @@ traceback, and exit with status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from tfx.core import TfxError
 from tfx.eval_run import evaluate_run
+from tfx.log.console import tee_to
 from tfx.launch import WorkerFailed, launch, needs_launch, rank0_run_dir
 from tfx.train.run import print_summary, train
 
@@ -43,18 +45,20 @@ def train_job(cfg: DictConfig) -> float:
     run_dir = rank0_run_dir(cfg, run_dir)  # under torchrun: one directory for all ranks
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
-    try:
-        if needs_launch(cfg):  # parallel=... without torchrun: start the workers here
-            summary = launch(cfg, run_dir, run_name=name, group=group)
-        else:
-            summary = train(cfg, run_dir, run_name=name, group=group)
-    except TfxError as err:
-        fail(err)
-    except WorkerFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print_summary(summary)
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    with tee_to(run_dir / "train.log") if is_main else contextlib.nullcontext():
+        try:
+            if needs_launch(cfg):  # parallel=... without torchrun: start the workers here
+                summary = launch(cfg, run_dir, run_name=name, group=group)
+            else:
+                summary = train(cfg, run_dir, run_name=name, group=group)
+        except TfxError as err:
+            fail(err)
+        except WorkerFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        if is_main:
+            print_summary(summary)
     return float(summary["val_loss"])
 
 

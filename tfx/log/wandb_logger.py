@@ -43,10 +43,14 @@ class WandbLogger:
 
         self._wandb = wandb
         self.mode = wandb_mode(mode)
+        # W&B's own banner, sync hints and warnings are ~30 lines per job; say the one
+        # thing a user needs (where the run is) in one line instead. Errors still show.
+        settings = wandb.Settings(silent=True, show_warnings=False, show_info=False)
         self.run = wandb.init(project=project, entity=entity, name=name, group=group, tags=tags,
                               config=config, dir=str(run_dir), mode=self.mode,
                               id=resume_id, resume="allow" if resume_id else None,
-                              reinit="finish_previous")
+                              reinit="finish_previous", settings=settings)
+        print(self.where())
         # Summary columns the report also shows: compare runs in the W&B table directly.
         for key, summary in (("val/loss", "min"), ("val/ppl", "min"), ("train/tokens_per_sec", "mean")):
             self.run.define_metric(key, summary=summary)
@@ -54,6 +58,14 @@ class WandbLogger:
     @property
     def run_id(self) -> str:
         return self.run.id
+
+    def where(self) -> str:
+        """One line: the run's URL online, the sync command offline."""
+        if self.mode == "online":
+            return f"wandb: {self.run.url}"
+        if self.mode == "offline":
+            return f"wandb: offline; upload later with: wandb sync {self.run.settings.sync_dir}"
+        return f"wandb: {self.mode}"
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -14,7 +14,9 @@ workers, tests, notebooks) builds a job through :func:`build`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -92,7 +94,10 @@ def _prepare_data(cfg: DictConfig, is_main: bool) -> TokenData:
     if is_main:
         data = prepare_data(cfg.data)
     distributed.barrier()
-    return data if is_main else prepare_data(cfg.data)
+    if is_main:
+        return data
+    with contextlib.redirect_stdout(io.StringIO()):  # one "data: ..." line per job, not per rank
+        return prepare_data(cfg.data)
 
 
 def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, cfg: DictConfig, data: TokenData,
