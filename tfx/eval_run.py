@@ -26,9 +26,10 @@ def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, de
     blocks = {"validation": data.val, "test": data.test}
     out: Dict[str, Any] = {}
     for split in splits:
-        m = evaluate_lm(model, blocks[split], batch_size, device, max_batches=max_batches)
+        m = evaluate_lm(model, blocks[split], batch_size, device, max_batches=max_batches,
+                        tokenizer=data.tokenizer)
         key = "val" if split == "validation" else split
-        out[f"{key}_loss"], out[f"{key}_ppl"] = m["loss"], m["ppl"]
+        out[f"{key}_loss"], out[f"{key}_ppl"], out[f"{key}_bpb"] = m["loss"], m["ppl"], m["bpb"]
     speed = inference_speed(model, batch_size, seq_len, data.vocab_size, device, iters=speed_batches)
     out.update({"inference_tokens_per_sec": speed["tokens_per_sec"],
                 "latency_ms_per_batch": speed["latency_ms"], "params": count_params(model)})

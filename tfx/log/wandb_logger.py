@@ -52,7 +52,8 @@ class WandbLogger:
                               reinit="finish_previous", settings=settings)
         print(self.where())
         # Summary columns the report also shows: compare runs in the W&B table directly.
-        for key, summary in (("val/loss", "min"), ("val/ppl", "min"), ("train/tokens_per_sec", "mean")):
+        for key, summary in (("val/loss", "min"), ("val/ppl", "min"), ("val/bpb", "min"),
+                             ("train/tokens_per_sec", "mean")):
             self.run.define_metric(key, summary=summary)
 
     @property

@@ -92,6 +92,7 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
     summary = {
         "run_name": run_name or job.run_dir.name,
         "val_loss": val["loss"], "val_ppl": val["ppl"],
+        "val_bpb": val.get("bpb"), "val_bits_per_token": val.get("bits_per_token"),
         "tokens_per_sec": tps,
         "step_time_ms": 1000 * tokens_per_step / tps if tps else float("nan"),
         "peak_mem_mb": peak_memory_mb(ctx.device),
@@ -113,14 +114,15 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
     if ctx.is_main and result["stopped"] is None:
         summary.update(job.pipeline.export(job.model, job.run_dir, ctx))
     if ctx.is_main:
-        trainer.metrics.log({"val/loss": val["loss"], "val/ppl": val["ppl"]}, trainer.state.step)
+        trainer.metrics.log({f"val/{k}": v for k, v in val.items()}, trainer.state.step)
         trainer.metrics.write_summary(summary)
     return summary
 
 
 def print_summary(summary: Dict[str, Any]) -> None:
     lines = [
-        f"val loss {summary['val_loss']:.4f} | val ppl {summary['val_ppl']:.2f}",
+        f"val loss {summary['val_loss']:.4f} | val ppl {summary['val_ppl']:.2f}"
+        + (f" | val bits/byte {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""),
         f"tokens/s {summary['tokens_per_sec']:,.0f} | peak mem {summary['peak_mem_mb']:,.0f} MB"
         f" | params {summary['params']:,} | steps {summary['step']}",
         f"techniques: {', '.join(summary['techniques']) or 'none'}",
