@@ -5,7 +5,9 @@
     python scripts/report.py --wandb my-entity/tfx --group multirun_2026-01-01_12-00-00 --out reports/x
 
 Writes report.md, report.csv, ppl_vs_throughput.png, ppl_vs_memory.png and
-loss_curves.png into the sweep directory (or --out). See docs/report.md.
+loss_curves.png into the sweep directory (or --out): per variant the mean over seeds
+with its 95% confidence interval, the ratio to the baseline and Welch's t-test against
+it. Warns when the jobs' data, steps or model differ. See docs/report.md.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tfx.report.runs import optuna_note  # noqa: E402
+from tfx.report.settings import one_line  # noqa: E402
 from tfx.report import ReportError, build_report, load_sweep, to_markdown, write_csv  # noqa: E402
 from tfx.report.plots import write_plots  # noqa: E402
 
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace, command: str) -> Path:
     write_csv(report, out / "report.csv")
     plots = [] if args.no_plots else write_plots(report, out)
     print(markdown)
+    if report.differences:
+        print(f"warning: {one_line(report.differences)} (details in report.md)", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in [out / "report.md", out / "report.csv", *plots]))
     return out
 

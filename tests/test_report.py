@@ -1,5 +1,6 @@
 """Sweeps and the comparison report: a real tiny multirun (joblib launcher), the table's
-ratios recomputed from the summaries, failed jobs, presets and sweeper/launcher configs.
+ratios recomputed from the summaries, failed jobs, differing settings warned about, presets
+and sweeper/launcher configs. Seed statistics and plots: tests/test_report_stats.py.
 
 The real runs use subprocesses; set TFX_SLOW_TESTS=1 to also run a 2-trial Optuna sweep.
 """
@@ -16,7 +17,6 @@ import pytest
 import yaml
 
 from tfx.report import JobRecord, ReportError, build_report, load_sweep
-from tfx.report.plots import pareto_front
 from tfx.report.wandb_source import load_wandb, split_override_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +75,14 @@ def test_report_on_real_multirun(sweep, tmp_path):
         assert float(rows["precision=bf16"][key]) == pytest.approx(bf16[key])
         assert float(rows["precision=bf16"][f"{key}_ratio"]) == pytest.approx(bf16[key] / fp32[key])
         assert float(rows["precision=fp32"][f"{key}_ratio"]) == pytest.approx(1.0)
+    assert rows["precision=bf16"]["val_ppl_vs_base"] == "untested" and rows["precision=bf16"]["val_ppl_ci95"] == ""
     markdown = (sweep_dir / "report.md").read_text()
     assert "python scripts/report.py" in markdown and "UTC" in markdown.splitlines()[0]
+    assert "One seed per variant: no confidence intervals" in markdown and "± n/a" in markdown
+    assert markdown.index("`precision=fp32` (baseline)") < markdown.index("`precision=bf16`")
+    assert "settings differ" not in markdown
+    jobs = {j.name: j for j in load_sweep(sweep_dir)}
+    assert jobs["0"].val_curve and jobs["0"].curve and jobs["0"].config["model"]["n_layer"] == 2
     failed = markdown.split("Failed / incomplete")[1]
     assert "precision=fp16" in failed and "no summary.json" in failed
     assert "precision=fp16_incomplete" in failed and "step 1 of 3" in failed
@@ -98,6 +104,20 @@ def _job(name, overrides, ppl, tps, **extra):
     return JobRecord(name, overrides, summary=summary)
 
 
+def test_differing_settings_warn(sweep, tmp_path, capsys):
+    sweep_dir = tmp_path / "mr"
+    shutil.copytree(sweep, sweep_dir)
+    config = sweep_dir / "1" / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["max_steps"], cfg["model"]["n_layer"] = 7, 3
+    config.write_text(yaml.safe_dump(cfg))
+    assert _report(sweep_dir, "--no-plots") == 0
+    err = capsys.readouterr().err
+    assert "warning: settings differ between jobs" in err and "trainer.max_steps (3 vs 7)" in err
+    markdown = (sweep_dir / "report.md").read_text()
+    assert "`model.n_layer`: 2 in `precision=fp32` (job 0); 3 in `precision=bf16` (job 1)" in markdown
+
+
 def test_seeds_are_averaged_and_baseline_is_fewest_overrides():
     jobs = [_job("0", ["a=1", "b=1", "seed=1"], 10.0, 100.0), _job("1", ["a=1", "b=1", "seed=2"], 12.0, 300.0),
             _job("2", ["a=1", "seed=1"], 20.0, 50.0),
@@ -107,6 +127,7 @@ def test_seeds_are_averaged_and_baseline_is_fewest_overrides():
     assert report.common == ["a=1"] and report.baseline.label == "baseline"
     stat = by_label["b=1"].stats["val_ppl"]
     assert (stat.mean, stat.n) == (11.0, 2) and stat.std == pytest.approx(2 ** 0.5)
+    assert stat.ci == pytest.approx(12.706204736174694 * 2 ** 0.5 / 2 ** 0.5)   # t(0.975, 1) * s / sqrt(n)
     assert by_label["b=1"].ratios["tokens_per_sec"] == pytest.approx(200.0 / 50.0)
     assert report.failed == [("3", "b=2", "stopped early: sigterm")]
 
@@ -129,12 +150,6 @@ def test_wandb_summary_gets_the_report_columns():
     assert logger.run.summary["export_mb"] == 2.0 and logger.run.summary["val_ppl"] == 3.0
 
 
-def test_pareto_front():
-    pts = [(100, 10.0), (200, 12.0), (150, 13.0), (50, 9.0)]
-    assert sorted(pareto_front(pts, x_higher_better=True)) == [0, 1, 3]
-    assert sorted(pareto_front(pts, x_higher_better=False)) == [3]
-
-
 def test_clear_errors(tmp_path):
     with pytest.raises(ReportError, match="not a directory"):
         load_sweep(tmp_path / "missing")
@@ -150,6 +165,20 @@ def test_wandb_source_offline_and_names(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(ReportError, match="wandb sync"):
         load_wandb("entity/project")
+
+
+def test_wandb_run_record_has_both_curves_and_config():
+    from types import SimpleNamespace
+    from tfx.report.wandb_source import _record
+
+    history = [{"_step": 1, "train/loss": 3.0}, {"_step": 2, "train/loss": 2.5}, {"_step": 2, "val/loss": 2.7}]
+    run = SimpleNamespace(id="abc", name="precision=bf16,seed=2", state="finished",
+                          summary={"val_ppl": 9.0, "_runtime": 1}, config={"trainer": {"max_steps": 2}},
+                          scan_history=lambda keys: [r for r in history if all(k in r for k in keys)])
+    job = _record(run)
+    assert job.overrides == ["precision=bf16", "seed=2"] and job.summary == {"val_ppl": 9.0}
+    assert job.curve == [(1, 3.0), (2, 2.5)] and job.val_curve == [(2, 2.7)]
+    assert job.config == {"trainer": {"max_steps": 2}}
 
 
 # ---------------------------------------------------------------- presets and sweepers

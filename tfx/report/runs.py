@@ -3,7 +3,8 @@
 A job is any sub-directory holding ``.hydra/overrides.yaml`` (Hydra writes it
 before the task starts, so crashed jobs are found too). ``summary.json`` and
 ``metrics.jsonl`` come from ``tfx.train.run.train``; ``eval.json`` from
-``evaluate.py``. Nothing here needs Hydra or W&B.
+``evaluate.py``; ``.hydra/config.yaml`` (the composed config) lets the report check that
+the jobs share their data, steps and model. Nothing here needs Hydra or W&B.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class JobRecord:
     summary: Optional[Dict[str, Any]] = None
     eval: Optional[Dict[str, Any]] = None
     curve: List[tuple] = field(default_factory=list)   # (step, train/loss)
+    val_curve: List[tuple] = field(default_factory=list)   # (step, val/loss)
+    config: Optional[Dict[str, Any]] = None   # the composed config (.hydra/config.yaml), if known
     missing_reason: str = "no summary.json (crashed, killed or still running)"
 
     @property
@@ -65,26 +68,45 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
         return None  # half-written: treated like a missing file, reported as a failure
 
 
-def read_curve(path: Path, key: str = "train/loss") -> List[tuple]:
+def read_curves(path: Path, keys=("train/loss", "val/loss")) -> Dict[str, List[tuple]]:
+    """``{key: [(step, value), ...]}`` from a ``metrics.jsonl`` (empty lists when absent)."""
+    curves: Dict[str, List[tuple]] = {k: [] for k in keys}
     if not path.is_file():
-        return []
-    rows = []
+        return curves
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut off by a killed job
-        if key in row and "step" in row:
-            rows.append((row["step"], row[key]))
-    return rows
+        if isinstance(row, dict) and "step" in row:
+            for key in keys:
+                if isinstance(row.get(key), (int, float)):
+                    curves[key].append((row["step"], row[key]))
+    return curves
+
+
+def read_curve(path: Path, key: str = "train/loss") -> List[tuple]:
+    return read_curves(path, (key,))[key]
+
+
+def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_job(job_dir: Path) -> JobRecord:
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    curves = read_curves(job_dir / "metrics.jsonl")
     return JobRecord(name=job_dir.name, overrides=[str(o) for o in overrides],
                      summary=_read_json(job_dir / "summary.json"),
                      eval=_read_json(job_dir / "eval.json"),
-                     curve=read_curve(job_dir / "metrics.jsonl"))
+                     curve=curves["train/loss"], val_curve=curves["val/loss"],
+                     config=_read_yaml(job_dir / ".hydra" / "config.yaml"))
 
 
 def _job_order(path: Path):

@@ -2,6 +2,9 @@
 
 A variant is a set of overrides, minus the seed; overrides shared by every job
 of the sweep (``model=tiny``, the preset itself) are left out of its label.
+Per variant and metric: the mean over seeds, its 95% confidence interval (Student t,
+n-1 dof) and, against the baseline, the ratio of means and Welch's t-test; a
+difference counts only when p < 0.05 (otherwise it is a tie).
 """
 from __future__ import annotations
 
@@ -12,24 +15,56 @@ from typing import Dict, List, Optional, Sequence
 
 from tfx.log.metrics import export_bytes
 from tfx.report.runs import JobRecord, ReportError
+from tfx.report.settings import SettingDifference, setting_differences
+from tfx.report.stats import mean_ci, welch
 
-# (key, column title, source, scale): the columns of every report and of the W&B table.
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str            # column title
+    source: str           # "summary", "eval" (evaluate.py) or "export" (smallest compressed artefact)
+    scale: float = 1.0
+    exact: bool = False   # the same for every seed (params, sizes): compared exactly, no test
+    lower_is_better: Optional[bool] = True
+
+
+# The columns of every report (and of the W&B table); a column shows when a variant has it.
 METRICS = (
-    ("val_ppl", "val ppl", "summary", 1.0),
-    ("tokens_per_sec", "tokens/s", "summary", 1.0),
-    ("peak_mem_mb", "peak mem MB", "summary", 1.0),
-    ("params", "params", "summary", 1.0),
-    ("size_mb", "size MB", "eval", 1 / 2 ** 20),          # evaluate.py: eval.json size_on_disk_bytes
-    ("export_mb", "export MB", "export", 1 / 2 ** 20),    # smallest compressed artefact (*/bytes)
+    Metric("val_ppl", "val ppl", "summary"),
+    Metric("val_bpb", "val bits/byte", "summary"),
+    Metric("tokens_per_sec", "tokens/s", "summary", lower_is_better=False),
+    Metric("peak_mem_mb", "peak mem MB", "summary"),
+    Metric("params", "params", "summary", exact=True),
+    Metric("size_mb", "size MB", "eval", 1 / 2 ** 20, exact=True),      # evaluate.py: size_on_disk_bytes
+    Metric("export_mb", "export MB", "export", 1 / 2 ** 20, exact=True),  # smallest compressed artefact
 )
+METRIC_BY_KEY = {m.key: m for m in METRICS}
 SOURCE_KEYS = {"size_mb": "size_on_disk_bytes"}
+ALPHA = 0.05           # significance level of the Welch test against the baseline
+CI_LEVEL = 0.95
 
 
 @dataclass
 class Stat:
     mean: float
-    std: float
+    std: float                  # sample std over seeds (0 with one seed)
     n: int
+    values: List[float] = field(default_factory=list)
+    ci: Optional[float] = None  # half-width of the 95% CI of the mean; None with one seed
+
+
+@dataclass
+class Comparison:
+    """One metric of a variant against the baseline."""
+    ratio: float                # variant mean / baseline mean
+    verdict: str                # "baseline", "higher", "lower", "tie", "same", "untested"
+    p: Optional[float] = None   # Welch's t-test, two-sided (None: exact metric or < 2 seeds)
+
+    @property
+    def significant(self) -> bool:
+        return self.verdict in ("higher", "lower")
 
 
 @dataclass
@@ -39,6 +74,7 @@ class Variant:
     jobs: List[JobRecord] = field(default_factory=list)
     stats: Dict[str, Stat] = field(default_factory=dict)
     ratios: Dict[str, float] = field(default_factory=dict)
+    comparisons: Dict[str, Comparison] = field(default_factory=dict)
 
     @property
     def ok_jobs(self) -> List[JobRecord]:
@@ -47,10 +83,11 @@ class Variant:
 
 @dataclass
 class Report:
-    variants: List[Variant]         # those with at least one finished job
+    variants: List[Variant]         # the baseline first, then those with a finished job
     failed: List[tuple]             # (job name, label, reason)
     common: List[str]               # overrides every job shares
-    baseline: Optional[Variant]
+    baseline: Optional[Variant]     # may have no finished job (its row then says so)
+    differences: List[SettingDifference] = field(default_factory=list)   # data/steps/model that differ
 
 
 def common_overrides(jobs: Sequence[JobRecord]) -> List[str]:
@@ -71,30 +108,30 @@ def label_of(job: JobRecord, common: Sequence[str]) -> str:
     return " ".join(own) or "baseline"
 
 
-def metric_value(job: JobRecord, key: str, source: str, scale: float) -> Optional[float]:
-    if source == "export":
+def metric_value(job: JobRecord, metric: Metric) -> Optional[float]:
+    if metric.source == "export":
         value = export_bytes(job.summary)
     else:
-        record = job.summary if source == "summary" else job.eval
-        value = (record or {}).get(SOURCE_KEYS.get(key, key))
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+        record = job.summary if metric.source == "summary" else job.eval
+        value = (record or {}).get(SOURCE_KEYS.get(metric.key, metric.key))
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
-    return float(value) * scale
+    return float(value) * metric.scale
 
 
-def _stat(values: List[float]) -> Optional[Stat]:
+def make_stat(values: List[float]) -> Optional[Stat]:
     if not values:
         return None
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return Stat(statistics.fmean(values), std, len(values))
+    return Stat(statistics.fmean(values), std, len(values), list(values), mean_ci(values, CI_LEVEL))
 
 
 def aggregate(variant: Variant) -> None:
-    for key, _, source, scale in METRICS:
-        values = [v for j in variant.ok_jobs if (v := metric_value(j, key, source, scale)) is not None]
-        stat = _stat(values)
+    for metric in METRICS:
+        values = [v for j in variant.ok_jobs if (v := metric_value(j, metric)) is not None]
+        stat = make_stat(values)
         if stat is not None:
-            variant.stats[key] = stat
+            variant.stats[metric.key] = stat
 
 
 def group_variants(jobs: Sequence[JobRecord], common: Sequence[str]) -> List[Variant]:
@@ -114,17 +151,36 @@ def _same_overrides(variant: Variant, wanted: str) -> bool:
 
 def pick_baseline(variants: Sequence[Variant], wanted: Optional[str] = None) -> Optional[Variant]:
     """``wanted`` (a label, or its overrides in any order), else a row labelled 'baseline',
-    else the row with the fewest overrides (the first job's on a tie)."""
+    else the row with the fewest overrides (the first job's on a tie). ``wanted`` may name
+    a variant without a finished job: its row comes first and says so (no ratios); the
+    default is chosen among the variants with a finished job."""
     if not variants:
         return None
     if wanted:
         match = next((v for v in variants if _same_overrides(v, wanted)), None)
         if match is None:
             labels = ", ".join(repr(v.label) for v in variants)
-            raise ReportError(f"--baseline {wanted!r} matches no finished variant; choose one of: {labels}")
+            raise ReportError(f"--baseline {wanted!r} matches no variant; choose one of: {labels}")
         return match
-    named = next((v for v in variants if v.label == "baseline"), None)
-    return named or min(variants, key=lambda v: len(v.overrides))
+    finished = [v for v in variants if v.ok_jobs]
+    if not finished:
+        return None
+    named = next((v for v in finished if v.label == "baseline"), None)
+    return named or min(finished, key=lambda v: len(v.overrides))
+
+
+def compare(stat: Stat, base: Stat, metric: Metric, alpha: float = ALPHA) -> Optional[Comparison]:
+    if not base.mean:
+        return None
+    ratio = stat.mean / base.mean
+    if metric.exact:
+        return Comparison(ratio, "same" if stat.mean == base.mean else ("higher" if ratio > 1 else "lower"))
+    test = welch(stat.values, base.values)
+    if test is None:
+        return Comparison(ratio, "untested")
+    if test.p >= alpha:
+        return Comparison(ratio, "tie", test.p)
+    return Comparison(ratio, "higher" if stat.mean > base.mean else "lower", test.p)
 
 
 def add_ratios(variants: Sequence[Variant], baseline: Optional[Variant]) -> None:
@@ -133,15 +189,21 @@ def add_ratios(variants: Sequence[Variant], baseline: Optional[Variant]) -> None
     for variant in variants:
         for key, stat in variant.stats.items():
             base = baseline.stats.get(key)
-            if base is not None and base.mean:
-                variant.ratios[key] = stat.mean / base.mean
+            if base is None:
+                continue
+            if variant is baseline:
+                variant.comparisons[key] = Comparison(1.0, "baseline")
+                variant.ratios[key] = 1.0
+            elif (cmp := compare(stat, base, METRIC_BY_KEY[key])) is not None:
+                variant.comparisons[key] = cmp
+                variant.ratios[key] = cmp.ratio
 
 
 def build_report(jobs: Sequence[JobRecord], baseline: Optional[str] = None) -> Report:
     common = common_overrides(jobs)
     variants = group_variants(jobs, common)
     failed = [(j.name, label_of(j, common), j.failure) for j in jobs if j.failure is not None]
-    finished = [v for v in variants if v.ok_jobs]
-    base = pick_baseline(finished, baseline)
-    add_ratios(finished, base)
-    return Report(finished, failed, common, base)
+    base = pick_baseline(variants, baseline)
+    shown = ([base] if base is not None else []) + [v for v in variants if v.ok_jobs and v is not base]
+    add_ratios(shown, base)
+    return Report(shown, failed, common, base, setting_differences(jobs, label_of, common))

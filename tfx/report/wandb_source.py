@@ -39,10 +39,13 @@ def _api():
 
 def _record(run) -> JobRecord:
     summary = {k: v for k, v in run.summary.items() if not k.startswith("_")}
-    curve = [(row["_step"], row["train/loss"]) for row in run.scan_history(keys=["_step", "train/loss"])]
+    curves = {key: [(row["_step"], row[key]) for row in run.scan_history(keys=["_step", key])]
+              for key in ("train/loss", "val/loss")}
     finished = run.state == "finished"
+    config = dict(run.config) if isinstance(getattr(run, "config", None), dict) else None
     return JobRecord(name=run.id, overrides=split_override_dirname(run.name),
-                     summary=summary if finished and "val_ppl" in summary else None, curve=curve,
+                     summary=summary if finished and "val_ppl" in summary else None,
+                     curve=curves["train/loss"], val_curve=curves["val/loss"], config=config,
                      missing_reason=f"W&B run state {run.state!r} without a final val_ppl")
 
 
