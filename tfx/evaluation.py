@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tfx.data import TokenBlocks, eval_batches
 from tfx.core.loss import IGNORE_INDEX, ce_sum
@@ -38,6 +39,8 @@ def evaluate_lm(model: nn.Module, blocks: TokenBlocks, batch_size: int, device,
         count += int((batch["labels"] != IGNORE_INDEX).sum())  # on the host
         n_blocks += batch["labels"].shape[0]
         ce = ce_sum_fn(model, {k: v.to(device) for k, v in batch.items()})
+        if isinstance(ce, DTensor):  # tensor parallel's loss_parallel: a replicated scalar
+            ce = ce.full_tensor()
         total += torch.as_tensor(ce, device=device).double()
     model.train(was_training)
     nats = float(total)
