@@ -7,10 +7,13 @@
 
 All logic lives in the ``tfx`` package; this file only hands Hydra's config over.
 """
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from tfx.cli import train_job
+from tfx.cli import preflight, train_job
 from tfx.config import register_configs
 
 register_configs()
@@ -22,4 +25,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:], Path(__file__).resolve().parent / "conf")  # one line, not a traceback
     main()

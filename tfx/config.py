@@ -22,13 +22,14 @@ valid keys. Values out of range fail in the constructors with a :class:`ConfigEr
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Technique
@@ -41,7 +42,7 @@ TECHNIQUE_GROUPS = ("precision", "attention", "compression", "memory", "parallel
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (allow_zero and value == 0)):  # NaN is neither
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
@@ -60,8 +61,9 @@ class TrainerConfig:
     final_eval_batches: Optional[int] = None  # None: the whole validation split
     log_every: int = 10
     ckpt_every: int = 100        # 0: only at the end
-    keep_last: int = 2
-    max_bad_steps: int = 3       # consecutive non-finite losses before stopping (not fp16)
+    keep_last: int = 2           # newest checkpoints kept; 0: keep all
+    max_bad_steps: int = 3       # consecutive non-finite losses before stopping (every precision)
+    max_scaler_skips: int = 50   # fp16: consecutive steps the loss scaler skipped before stopping
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     progress: bool = True
     deterministic: bool = False
@@ -70,7 +72,7 @@ class TrainerConfig:
         for key in ("max_steps", "eval_every", "ckpt_every", "keep_last"):
             _positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
         for key in ("batch_size", "accum_steps", "eval_batches", "log_every", "max_bad_steps",
-                    "final_eval_batches", "grad_clip"):
+                    "max_scaler_skips", "final_eval_batches", "grad_clip"):
             _positive(f"trainer.{key}", getattr(self, key))
 
 
@@ -126,11 +128,15 @@ _CHOICE_FIELDS = {
 
 
 def check_choices(cfg: DictConfig) -> None:
-    """String fields with a fixed set of values: fail with the valid choices."""
+    """String fields with a fixed set of values (fail with the valid choices), and the
+    top-level values: ``seed`` (NumPy's range), ``resume``, the constructor groups."""
     for (group, key), choices in _CHOICE_FIELDS.items():
         value = OmegaConf.select(cfg, f"{group}.{key}")
         if value is not None and value not in choices:
             raise ConfigError(f"{group}.{key}={value!r} is not valid; choose one of {list(choices)}")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**32) (NumPy's seed range)")
     resume = cfg.get("resume", "auto")
     if not isinstance(resume, str) or not resume:
         raise ConfigError("resume must be 'auto', 'never' or a checkpoint path")
@@ -243,13 +249,60 @@ def build_loop(cfg: DictConfig) -> TrainerConfig:
     return instantiate_checked("trainer", cfg.trainer)
 
 
-def build_model(cfg: DictConfig, vocab_size: int, block_size: int):
-    """The ``model`` group's spec, built for the data (sizes left null come from it)."""
-    spec = instantiate_checked("model", cfg.model)
+def model_spec(cfg: DictConfig):
+    """The ``model`` group's spec (holds no tensors; an HF spec has read its config)."""
+    return instantiate_checked("model", cfg.model)
+
+
+def use_model_tokenizer(cfg: DictConfig, spec) -> None:
+    """A model that brings its own tokenizer (an HF spec's ``tokenizer_config()``) makes
+    it ``cfg.data.tokenizer``, in place, so data, checkpoints and resumes all see the
+    tokenizer the model was trained with. tfx's GPT leaves the data's tokenizer alone."""
+    get = getattr(spec, "tokenizer_config", None)
+    if not callable(get) or "data" not in cfg:
+        return
+    wanted = dict(get())
+    with open_dict(cfg):
+        if cfg.data.get("tokenizer") is None:
+            cfg.data.tokenizer = {}
+        for key, value in wanted.items():  # key by key: a typed node keeps its schema
+            cfg.data.tokenizer[key] = value
+
+
+def build_model(cfg: DictConfig, vocab_size: int, block_size: int, spec=None):
+    """The ``model`` group's spec, built for the data (sizes left null come from it);
+    ``spec``: one already instantiated from ``cfg.model``."""
+    spec = spec if spec is not None else model_spec(cfg)
+    if isinstance(spec, GPTConfig):
+        check_gpt_fits(spec, vocab_size, block_size)
     try:
         return spec.build(vocab_size=vocab_size, block_size=block_size)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
+def check_gpt_fits(spec: GPTConfig, vocab_size: int, block_size: int) -> None:
+    """Before building: a vocabulary smaller than the tokenizer's cannot embed the data,
+    and fp32 weights larger than this machine's memory cannot even be built."""
+    if spec.vocab_size is not None and spec.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size} tokens; raise it or leave it null (the tokenizer's)")
+    v, b = spec.vocab_size or vocab_size, spec.block_size or block_size
+    d, f, n = spec.d_model, spec.d_ff or 4 * spec.d_model, spec.n_layer
+    params = (v + b) * d + n * (4 * d * d + 2 * d * f + 4 * d) + (0 if spec.tie_embeddings else v * d)
+    memory = _memory_bytes()
+    if memory and 4 * params > memory:
+        raise ConfigError(f"model: n_layer={n}, d_model={d}, d_ff={f}, vocab {v}, block_size {b} make "
+                          f"about {params / 1e9:,.1f}B parameters ({4 * params / 2**30:,.0f} GiB in fp32), "
+                          f"more than this machine's {memory / 2**30:,.0f} GiB of memory; choose a "
+                          f"smaller model")
 
 
 def optimizer_factory(cfg: DictConfig):

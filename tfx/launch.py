@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from tfx.config import build_loop, build_techniques, check_choices
+from tfx.config import build_loop, build_techniques, check_choices, model_spec
 from tfx.core import Pipeline, Plan, distributed
 from tfx.parallel.base import ParallelTechnique, default_nproc
 from tfx.train.build import resolve_device
@@ -70,7 +70,8 @@ def check_plan(cfg: DictConfig, world_size: int) -> None:
     loop = build_loop(cfg)
     techniques = build_techniques(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = Plan(techniques, world_size=world_size, device_type=device, accum_steps=loop.accum_steps)
+    plan = Plan(techniques, world_size=world_size, device_type=device, accum_steps=loop.accum_steps,
+                model=model_spec(cfg))
     Pipeline(techniques).validate(plan)
     plan.facts()
 

@@ -15,6 +15,7 @@ from torch import nn
 from tfx.attention.kernels import IMPLS, make_kernel
 from tfx.attention.patterns import FixedBlockSparse, GlobalLocal, Pattern, SlidingWindow, _check_int
 from tfx.core.context import RunContext
+from tfx.model.anatomy import require_own_gpt
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Plan, Stage, Technique
 from tfx.model.attention import AttentionKernel
@@ -54,6 +55,7 @@ class SparseAttention(Technique):
         raise NotImplementedError
 
     def validate(self, plan: Plan) -> None:
+        require_own_gpt(plan, f"attention={self.key}", "replaces the attention kernel")
         self.pattern()  # raises ConfigError naming the bad key
         _check_int(self.key, "tile", self.tile, 1)
         if self.impl not in IMPLS:

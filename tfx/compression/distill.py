@@ -18,6 +18,7 @@ SURGERY (DDP then also averages its gradients). Inference exports drop it
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -29,6 +30,7 @@ from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
 from tfx.core.loss import IGNORE_INDEX
 from tfx.core.technique import Plan, Stage, Technique
+from tfx.model.anatomy import require_own_gpt
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -114,9 +116,13 @@ class Distillation(Technique):
 
     def __init__(self, teacher: Union[str, nn.Module, None] = None, source: str = "tfx",
                  alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0) -> None:
-        if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0:
-            raise ConfigError("compression.distill needs 0 <= alpha <= 1, temperature > 0, "
-                              "hidden_weight >= 0")
+        if not (0 <= alpha <= 1 and 0 < temperature < math.inf and 0 <= hidden_weight < math.inf):
+            raise ConfigError(f"compression.distill needs 0 <= alpha <= 1, temperature > 0, "
+                              f"hidden_weight >= 0 (finite); got alpha={alpha}, "
+                              f"temperature={temperature}, hidden_weight={hidden_weight}")
+        if not (teacher is None or isinstance(teacher, nn.Module) or (isinstance(teacher, str) and teacher)):
+            raise ConfigError(f"compression.distill.teacher={teacher!r} must be the path of a trained "
+                              f"tfx run (or a hub model name with source=hub)")
         if source not in ("tfx", "hub"):
             raise ConfigError(f"compression.distill.source={source!r}; choose 'tfx' or 'hub'")
         self.teacher_spec, self.source = teacher, source
@@ -130,6 +136,7 @@ class Distillation(Technique):
         self.reapply_on_load = self.needs_hidden
 
     def validate(self, plan: Plan) -> None:
+        require_own_gpt(plan, "compression=distill", "trains a student")
         if self.teacher_spec is None:
             raise ConfigError("compression.distill.teacher is required: the path of a trained "
                               "(larger) tfx run, e.g. compression.distill.teacher=outputs/big")

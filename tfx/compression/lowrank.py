@@ -22,6 +22,7 @@ from tfx.compression._common import block_linears, set_submodule
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Stage, Technique
+from tfx.model.anatomy import require_own_gpt
 from tfx.model.size import count_params
 
 
@@ -91,6 +92,9 @@ class LowRank(Technique):
         self.rank_ratio, self.energy, self.from_checkpoint = rank_ratio, energy, from_checkpoint
         self.ranks: Dict[str, int] = {}
         self.params_before = self.params_after = 0
+
+    def validate(self, plan) -> None:
+        require_own_gpt(plan, "compression=lowrank", "factorizes the block Linears")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         saved = dict(ctx.structure_of(self).get("ranks", {})) if ctx.resuming else None

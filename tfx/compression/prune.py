@@ -26,13 +26,15 @@ from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Plan, Stage, Technique
+from tfx.model.anatomy import require_own_gpt
 
 
 # -- plain functions -------------------------------------------------------------------
-def install_masks(model: nn.Module) -> List[nn.Linear]:
-    """Give every block Linear an all-ones prune mask (idempotent) and return them."""
+def install_masks(model: nn.Module, modules: Optional[List[nn.Module]] = None) -> List[nn.Linear]:
+    """Give every block Linear (or each of ``modules``) an all-ones prune mask
+    (idempotent) and return them."""
     mods = []
-    for _, m in block_linears(model):
+    for m in modules if modules is not None else [m for _, m in block_linears(model)]:
         if not prune.is_pruned(m):
             prune.identity(m, "weight")
         mods.append(m)
@@ -188,9 +190,10 @@ class _MaskTechnique(Technique):
             raise ConfigError(f"compression={self.name} keeps pruning masks through "
                               "torch.nn.utils.prune, which does not work with FSDP; use "
                               "parallel=ddp or parallel=single")
-        if len(plan.find_all(_MaskTechnique)) > 1:
-            raise ConfigError("compression: prune and nm both set the pruning masks of the same "
-                              "layers; choose one of them")
+        masks = plan.find_all(_MaskTechnique)
+        if len(masks) > 1:
+            raise ConfigError(f"compression: {' and '.join(t.key for t in masks)} all set the "
+                              "pruning masks of the same layers; choose one of them")
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         model = unwrap(model)
@@ -201,7 +204,15 @@ class _MaskTechnique(Technique):
                 f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
 
 
-class MagnitudePruning(_MaskTechnique):
+class _GPTMaskTechnique(_MaskTechnique):
+    """Masks chosen from magnitudes over ``block_linears`` (tfx's GPT layout)."""
+
+    def validate(self, plan: Plan) -> None:
+        super().validate(plan)
+        require_own_gpt(plan, f"compression={self.name}", "masks the block Linears")
+
+
+class MagnitudePruning(_GPTMaskTechnique):
     """Unstructured magnitude pruning of the block Linears to ``sparsity``.
 
     ``schedule="oneshot"`` prunes once at ``start_step`` (0: when applied, e.g. right
@@ -222,6 +233,8 @@ class MagnitudePruning(_MaskTechnique):
             raise ConfigError(f"compression.prune.scope={scope!r}; choose 'global' or 'layer'")
         if not 0.0 <= initial_sparsity <= sparsity < 1.0:
             raise ConfigError("compression.prune needs 0 <= initial_sparsity <= sparsity < 1")
+        if start_step < 0:
+            raise ConfigError(f"compression.prune.start_step={start_step} must be >= 0")
         if schedule == "cubic" and (end_step <= start_step or frequency < 1):
             raise ConfigError("compression.prune.schedule=cubic needs end_step > start_step "
                               "and frequency >= 1")
@@ -258,7 +271,7 @@ class MagnitudePruning(_MaskTechnique):
         self.current = float(state.get("current_sparsity", 0.0))
 
 
-class NMPruning(_MaskTechnique):
+class NMPruning(_GPTMaskTechnique):
     """N:M (default 2:4) semi-structured masks, set from magnitudes at ``at_step``
     (0: when applied) and fixed afterwards while training goes on.
 
@@ -271,6 +284,8 @@ class NMPruning(_MaskTechnique):
     def __init__(self, n: int = 2, m: int = 4, at_step: int = 0,
                  from_checkpoint: Optional[str] = None, semi_structured: bool = False) -> None:
         NMUnstructured(n, m)  # validates n, m
+        if at_step < 0:
+            raise ConfigError(f"compression.nm.at_step={at_step} must be >= 0 (0: when applied)")
         self.n, self.m, self.at_step = n, m, at_step
         self.from_checkpoint, self.semi_structured = from_checkpoint, semi_structured
         self.done = False

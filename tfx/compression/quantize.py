@@ -26,6 +26,7 @@ from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
 from tfx.core.technique import Plan, Stage, Technique
+from tfx.model.anatomy import require_own_gpt
 from tfx.model.size import count_params, state_dict_bytes
 
 SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
@@ -34,6 +35,9 @@ QAT_SCHEMES = ("int8", "int8a_int4w")
 
 def _is_block_linear(mod: nn.Module, fqn: str) -> bool:
     return isinstance(mod, nn.Linear) and fqn.startswith("layers.")
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def ptq_config(scheme: str, group_size: int = 32):
@@ -99,9 +103,13 @@ class PostTrainingQuant(Technique):
 
     def __init__(self, scheme: str = "int8_dynamic", group_size: int = 32) -> None:
         ptq_config(scheme, group_size)  # validates the name
+        if group_size not in INT4_GROUP_SIZES:  # torchao's int4 kernels take these only
+            raise ConfigError(f"compression.ptq.group_size={group_size} must be one of "
+                              f"{list(INT4_GROUP_SIZES)}")
         self.scheme, self.group_size = scheme, group_size
 
     def validate(self, plan: Plan) -> None:
+        require_own_gpt(plan, "compression=ptq", "quantizes the block Linears")
         check_supported(self.scheme, plan.device_type)
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
@@ -175,8 +183,14 @@ class QAT(Technique):
                  from_checkpoint: Optional[str] = None) -> None:
         if scheme not in QAT_SCHEMES:
             raise ConfigError(f"compression.qat.scheme={scheme!r}; choose one of {', '.join(QAT_SCHEMES)}")
+        if group_size < 1:
+            raise ConfigError(f"compression.qat.group_size={group_size} must be >= 1 (and divide "
+                              f"the Linear input widths)")
         # from_checkpoint: loaded by the build order before SURGERY (not on a resume)
         self.scheme, self.group_size, self.from_checkpoint = scheme, group_size, from_checkpoint
+
+    def validate(self, plan: Plan) -> None:
+        require_own_gpt(plan, "compression=qat", "fake-quantizes the block Linears")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return prepare_qat(model, self.scheme, self.group_size)

@@ -26,6 +26,7 @@ from torch import nn
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Stage, Technique
+from tfx.model.anatomy import require_own_gpt
 from tfx.model.size import count_params
 
 Keep = Dict[str, Dict[str, torch.Tensor]]  # layer -> {"heads": idx, "neurons": idx}
@@ -120,6 +121,9 @@ class StructuredPruning(Technique):
         self.from_checkpoint = from_checkpoint
         self.shapes: Dict[str, Dict[str, int]] = {}
         self.params_before = self.params_after = 0
+
+    def validate(self, plan) -> None:
+        require_own_gpt(plan, "compression=structured", "removes heads and neurons")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.params_before = count_params(model)

@@ -22,7 +22,7 @@ from tfx.data.pack import load_or_build, open_stream
 from tfx.data.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "TokenizerConfig", "TokenData", "TokenBlocks", "BlockLoader",
-           "eval_batches", "prepare_data", "to_data_config"]
+           "check_data_config", "eval_batches", "prepare_data", "to_data_config"]
 
 
 @dataclass
@@ -52,12 +52,67 @@ def to_data_config(cfg) -> DataConfig:
         raise ConfigError(f"data config: {str(err).splitlines()[0]}") from err
 
 
+SOURCES = ("shakespeare", "pydocs", "hub", "files")
+TOKENIZER_KINDS = ("bpe", "bytes", "hub", "pretrained")
+FILE_TYPES = ("text", "json", "parquet", "csv")
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Values a :class:`DataConfig` must have, checked before any data is read (one
+    line naming the key and the allowed range)."""
+    def number(key: str, value, low: float, high: float = float("inf"), low_open: bool = False,
+               high_open: bool = False) -> None:
+        ok = value is not None and not isinstance(value, bool) and (
+            (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+        if not ok:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise ConfigError(f"data.{key}={value!r} must be in {lo}{low:g}, {high:g}{hi}")
+
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"data.source={cfg.source!r} is unknown; choose one of {list(SOURCES)}")
+    number("seq_len", cfg.seq_len, 1)
+    number("val_fraction", cfg.val_fraction, 0, 1, low_open=True, high_open=True)
+    if cfg.max_docs is not None:
+        number("max_docs", cfg.max_docs, 1)
+    for key in ("text_column", "train_split"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"data.{key} must be a non-empty string")
+    tok = cfg.tokenizer
+    if tok.kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; choose one of {list(TOKENIZER_KINDS)}")
+    if tok.kind == "bpe":
+        number("tokenizer.vocab_size", tok.vocab_size, 258, 2 ** 32)  # 256 bytes + end-of-document
+    if tok.kind in ("hub", "pretrained") and not tok.name:
+        raise ConfigError(f"data.tokenizer.kind={tok.kind} needs data.tokenizer.name (e.g. gpt2)")
+    if cfg.source == "hub" and not cfg.path:
+        raise ConfigError("data.source=hub needs data.path, e.g. Salesforce/wikitext")
+    if (cfg.source == "files" or cfg.data_files is not None) and not _files_given(cfg.data_files):
+        what = ("data=files needs data.data_files" if cfg.data_files is None
+                else f"data.data_files={cfg.data_files!r} must be")
+        raise ConfigError(f"{what}: a path or glob, a list of them, or {{train: ..., validation: "
+                          f"...}}; e.g. data.data_files=corpus.txt")
+    if cfg.source == "files":
+        if cfg.file_type is not None and cfg.file_type not in FILE_TYPES:
+            raise ConfigError(f"data.file_type={cfg.file_type!r} is unknown; choose one of "
+                              f"{list(FILE_TYPES)} or null (from the extension)")
+
+
+def _files_given(data_files) -> bool:
+    """A non-empty path, or a non-empty list/mapping of them."""
+    if isinstance(data_files, str):
+        return bool(data_files.strip())
+    if isinstance(data_files, dict):
+        return bool(data_files) and all(isinstance(k, str) and _files_given(v) for k, v in data_files.items())
+    if isinstance(data_files, (list, tuple)):
+        return bool(data_files) and all(_files_given(v) for v in data_files)
+    return False
+
+
 def prepare_data(cfg) -> TokenData:
     """Load, tokenize and pack the data ``cfg`` describes, reusing the on-disk cache."""
     cfg = to_data_config(cfg)
+    check_data_config(cfg)  # before anything is read or written
     path, meta, tokenizer = load_or_build(cfg)
-    if cfg.seq_len < 1:
-        raise ConfigError(f"data.seq_len={cfg.seq_len} must be >= 1")
     blocks = {s: TokenBlocks(open_stream(path, s, meta), cfg.seq_len)
               for s in ("train", "validation", "test")}
     for split in ("train", "validation"):  # an empty split would report loss 0.0 (ppl 1.00)

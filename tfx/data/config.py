@@ -8,9 +8,12 @@ from typing import Any, Optional
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"              # bpe (trained on the train split) | bytes | hub
+    kind: str = "bpe"              # bpe (trained on the train split) | bytes | hub | pretrained
     vocab_size: int = 4096         # bpe only
-    name: Optional[str] = None     # hub tokenizer, e.g. "gpt2" (kind=hub)
+    # hub: a tokenizers hub name, e.g. "gpt2"; pretrained: an HF model (folder, .gguf, hub id,
+    # smollm2-135m-instruct-gguf). With model=hf the build order sets kind=pretrained and
+    # name=model.name_or_path itself: the model's own tokenizer drives the data.
+    name: Optional[str] = None
 
 
 @dataclass

@@ -5,6 +5,8 @@ Cache layout (one directory per data+tokenizer config)::
     <cache_dir>/tokens/<source>-<key>/
         tokenizer.json   meta.json   train.bin   validation.bin   test.bin
 
+The key hashes the data config; a ``pretrained`` tokenizer (a model's own) enters
+it by its content hash (:func:`tfx.data.tokenizer.tokenizer_cache_id`), not its name.
 A ``.bin`` is the raw array of token ids, documents joined by the end-of-document
 id, in the smallest unsigned dtype that holds the vocabulary. The directory is
 built under a temporary name and renamed, so a killed run never leaves half a cache.
@@ -24,7 +26,7 @@ import numpy as np
 
 from tfx.data.config import DataConfig
 from tfx.data.sources import SPLITS, load_source
-from tfx.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from tfx.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_cache_id
 
 # Bump when the bytes on disk or the source splits change meaning.
 FORMAT_VERSION = 1
@@ -36,6 +38,10 @@ def cache_key(cfg: DataConfig) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _KEY_IGNORES}
     if cfg.source == "files":  # same paths, edited files: must not reuse stale tokens
         fields["files_stamp"] = _files_stamp(cfg.data_files)
+    if cfg.tokenizer.kind == "pretrained":
+        # a model's tokenizer is keyed by its content, not by how it was named: the preset,
+        # its folder or a copy share one cache; an edited tokenizer gets a new one
+        fields["tokenizer"] = {"kind": "pretrained", "id": tokenizer_cache_id(cfg.tokenizer)}
     blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -67,12 +73,12 @@ def load_or_build(cfg: DataConfig) -> tuple[Path, dict, Tokenizer]:
     if (path / "meta.json").exists():
         print(f"data: using cached tokens {path}")
     else:
-        build(cfg, path)
+        build(cfg, path, key=path.name.rsplit("-", 1)[1])
     meta = json.loads((path / "meta.json").read_text())
     return path, meta, load_tokenizer(path / "tokenizer.json")
 
 
-def build(cfg: DataConfig, path: Path) -> None:
+def build(cfg: DataConfig, path: Path, key: str | None = None) -> None:
     dd = load_source(cfg)
     tokenizer = _make_tokenizer(cfg, dd["train"])
     dtype = token_dtype(tokenizer.vocab_size)
@@ -81,7 +87,7 @@ def build(cfg: DataConfig, path: Path) -> None:
     tmp.mkdir(parents=True)
     tokenizer.save(tmp / "tokenizer.json")
     counts = {s: write_stream(dd[s], tokenizer, dtype, tmp / f"{s}.bin") for s in SPLITS}
-    meta = {"format": FORMAT_VERSION, "key": cache_key(cfg), "dtype": dtype.name,
+    meta = {"format": FORMAT_VERSION, "key": key or cache_key(cfg), "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "n_tokens": counts, "n_docs": {s: len(dd[s]) for s in SPLITS},
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _KEY_IGNORES}}

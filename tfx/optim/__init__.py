@@ -18,10 +18,10 @@ DECAYS = ("cosine", "linear", "constant")
 
 
 def _check(name: str, lr: float, weight_decay: float) -> None:
-    if not lr > 0:
-        raise ConfigError(f"optim.lr={lr} must be > 0")
-    if weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={weight_decay} must be >= 0")
+    if not 0 < lr < math.inf:
+        raise ConfigError(f"optim.lr={lr} must be > 0 (and finite)")
+    if not 0 <= weight_decay < math.inf:
+        raise ConfigError(f"optim.weight_decay={weight_decay} must be >= 0 (and finite)")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -43,8 +43,8 @@ def adamw(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.9
     betas = tuple(betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
-    if not eps > 0:
-        raise ConfigError(f"optim.eps={eps} must be > 0")
+    if not 0 < eps < math.inf:
+        raise ConfigError(f"optim.eps={eps} must be > 0 (and finite)")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 

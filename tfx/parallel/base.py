@@ -3,6 +3,7 @@ model-state bytes per rank (reported in metrics and summary.json)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, Optional
 
 import torch
@@ -14,6 +15,12 @@ from tfx.parallel.memory import grad_bytes, optimizer_bytes, param_bytes
 #: Steps metered at the start of a run. The pattern of collectives repeats every
 #: step, and the Python dispatch mode costs time, so later steps run unmetered.
 METERED_STEPS = 2
+
+
+def max_nproc() -> int:
+    """Workers one machine may start: its GPUs, or a few per CPU core (gloo tests
+    oversubscribe small machines), never a runaway number of processes."""
+    return max(torch.cuda.device_count(), 4 * (os.cpu_count() or 1), 8)
 
 
 def default_nproc() -> int:
@@ -29,6 +36,10 @@ class ParallelTechnique(Technique):
     min_world: int = 2
 
     def __init__(self, nproc_per_node: Optional[int] = None) -> None:
+        if nproc_per_node is not None and not 1 <= nproc_per_node <= max_nproc():
+            raise ConfigError(f"parallel.nproc_per_node={nproc_per_node} must be in [1, {max_nproc()}] "
+                              f"on this machine ({torch.cuda.device_count()} GPUs, {os.cpu_count()} "
+                              f"CPU cores); null: one per GPU, 2 on CPU")
         self.nproc_per_node = nproc_per_node or default_nproc()
         self._meter = CommMeter()
         self._metered = 0

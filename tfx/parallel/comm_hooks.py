@@ -17,6 +17,7 @@ warm-up. The cast hooks are stateless, so their resumes are exact.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -114,6 +115,9 @@ class PowerSGD(CommHook):
         if warmup_steps < 2:
             raise ConfigError("compression.powersgd.warmup_steps must be >= 2 (DDP rebuilds its buckets "
                               "after the first step; error feedback needs a warm-up)")
+        if not 0 <= min_compression_rate < math.inf:
+            raise ConfigError(f"compression.powersgd.min_compression_rate={min_compression_rate} "
+                              f"must be a finite number >= 0")
         self.rank, self.warmup_steps = rank, warmup_steps
         self.min_compression_rate = min_compression_rate
         self.use_error_feedback, self.warm_start = use_error_feedback, warm_start

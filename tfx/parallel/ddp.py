@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-from tfx.core import RunContext, Stage
+from tfx.core import ConfigError, RunContext, Stage
 from tfx.parallel.base import ParallelTechnique
 
 #: DDP bucket size that makes one bucket of any model we train (PowerSGD on gloo).
@@ -37,6 +37,9 @@ class DDP(ParallelTechnique):
     def __init__(self, nproc_per_node: Optional[int] = None, bucket_cap_mb: Optional[float] = None,
                  gradient_as_bucket_view: bool = True) -> None:
         super().__init__(nproc_per_node)
+        if bucket_cap_mb is not None and not 0 < bucket_cap_mb <= 1e6:  # NaN and inf too
+            raise ConfigError(f"parallel.bucket_cap_mb={bucket_cap_mb} must be in (0, 1e6] "
+                              f"(null: DDP's default, 25)")
         self.bucket_cap_mb = bucket_cap_mb
         self.gradient_as_bucket_view = gradient_as_bucket_view
 

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from tfx.core import RunContext, Stage
+from tfx.model.anatomy import anatomy_of
 from tfx.parallel.base import ParallelTechnique
 from tfx.parallel.clip import clip_grad_norm
 
@@ -29,13 +30,15 @@ def mixed_precision_policy(compute_dtype: Optional[torch.dtype]) -> Optional[Mix
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: Optional[MixedPrecisionPolicy] = None,
                cpu_offload: bool = False, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard every block of ``model.layers``, then the root (embeddings, norm, head)."""
+    """Shard every decoder layer (from the model's anatomy: tfx GPT, HF Llama-like, HF
+    GPT-2), then the root (embeddings, final norm, head: one unit, so a tied head stays
+    tied)."""
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     if cpu_offload:  # pinned memory needs a GPU; on a CPU-only machine it fails
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for block in model.layers.values():
+    for block in anatomy_of(model).decoder_layers(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model

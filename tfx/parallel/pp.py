@@ -29,6 +29,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                           ScheduleInterleaved1F1B)
 
 from tfx.core import ConfigError, RunContext, Stage
+from tfx.model.anatomy import spec_family
 from tfx.parallel.base import ParallelTechnique
 from tfx.parallel.clip import clip_grad_norm
 from tfx.core.loss import IGNORE_INDEX, ce_sum
@@ -79,6 +80,11 @@ class PipelineParallel(ParallelTechnique):
         super().__init__(nproc_per_node)
         if schedule not in SCHEDULES:
             raise ConfigError(f"parallel.schedule={schedule!r}; choose one of {list(SCHEDULES)}")
+        if n_microbatches < 1:
+            raise ConfigError(f"parallel.n_microbatches={n_microbatches} must be >= 1")
+        if stages_per_rank is not None and stages_per_rank < 1:
+            raise ConfigError(f"parallel.stages_per_rank={stages_per_rank} must be >= 1 (null: 1, "
+                              f"2 for interleaved_1f1b)")
         self.schedule_name, self.n_microbatches = schedule, n_microbatches
         self.stages_per_rank = stages_per_rank or (2 if schedule == "interleaved_1f1b" else 1)
         if self.stages_per_rank > 1 and schedule != "interleaved_1f1b":
@@ -87,6 +93,11 @@ class PipelineParallel(ParallelTechnique):
 
     def validate(self, plan) -> None:
         super().validate(plan)
+        family = spec_family(plan.model)
+        if plan.model is not None and family != "tfx_gpt":
+            raise ConfigError(f"parallel=pp splits tfx's own GPT only (stage views over its "
+                              f"layers); {family or type(plan.model).__name__} models are not "
+                              f"supported yet: use parallel=fsdp or parallel=ddp")
         others = [t.key for t in plan.techniques if t.stage in (Stage.TENSOR, Stage.DATA_PARALLEL)]
         if others:
             raise ConfigError(f"parallel=pp does not combine with {others} yet; use one of them alone")

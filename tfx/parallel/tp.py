@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, loss_parallel, parallelize_module)
 
 from tfx.core import ConfigError, RunContext, Stage
+from tfx.model.anatomy import spec_family
 from tfx.parallel.base import ParallelTechnique
 from tfx.parallel.clip import clip_grad_norm
 
@@ -84,12 +85,19 @@ class TensorParallel(ParallelTechnique):
     def __init__(self, nproc_per_node: Optional[int] = None, degree: Optional[int] = None,
                  sequence_parallel: bool = True, loss_parallel: bool = True) -> None:
         super().__init__(nproc_per_node)
+        if degree is not None and degree < 1:
+            raise ConfigError(f"parallel.degree={degree} must be >= 1 (null: all ranks)")
         self.degree = degree
         self.sequence_parallel = sequence_parallel
         self.loss_parallel = loss_parallel
 
     def validate(self, plan) -> None:
         super().validate(plan)
+        family = spec_family(plan.model)
+        if plan.model is not None and family != "tfx_gpt":
+            raise ConfigError(f"parallel=tp has a sharding plan for tfx's own GPT only; "
+                              f"{family or type(plan.model).__name__} models are not supported "
+                              f"yet: use parallel=fsdp or parallel=ddp")
         tp = self.degree or plan.world_size
         if plan.world_size % tp:
             raise ConfigError(f"parallel tp degree={tp} does not divide the world size {plan.world_size}; "

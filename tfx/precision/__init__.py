@@ -24,6 +24,11 @@ class Precision(Technique):
                  growth_interval: int = 2000) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"precision.dtype={dtype!r}; choose one of {list(DTYPES)}")
+        if not 0 < init_scale <= torch.finfo(torch.float32).max:  # NaN and inf too
+            raise ConfigError(f"precision.init_scale={init_scale} must be a finite number > 0 "
+                              f"(default 65536)")
+        if growth_interval < 1:
+            raise ConfigError(f"precision.growth_interval={growth_interval} must be >= 1")
         self.dtype_name = dtype
         self.name = dtype
         self.init_scale = init_scale

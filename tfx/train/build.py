@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import io
+import json
 import os
 import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfx.ckpt import load_weights_from_run, resolve_and_load, saved_structure
 from tfx.config import (TrainerConfig, build_loop, build_model, build_techniques, check_choices,
-                        optimizer_factory, scheduler_factory)
+                        model_spec, optimizer_factory, scheduler_factory, use_model_tokenizer)
 from tfx.core import CheckpointError, ConfigError, Pipeline, Plan, RunContext, Technique, distributed
 from tfx.core.technique import structural_order
 from tfx.data import BlockLoader, TokenData, prepare_data
@@ -100,9 +104,87 @@ def _prepare_data(cfg: DictConfig, is_main: bool) -> TokenData:
         return prepare_data(cfg.data)
 
 
+#: Settings a resume may change; they apply from the resumed step on (``fnmatch`` patterns).
+#: A changed ``trainer.max_steps`` re-stretches the schedule: the scheduler is built with
+#: the new value and only its position (``last_epoch``) is loaded, so warm-up/decay then
+#: end at the new last step. ``trainer.batch_size`` may change only with the number of
+#: data-parallel ranks, keeping ``batch_size x ranks`` (the data position) the same.
+#: Any other change (``optim.*``, ``scheduler.*``, ``seed``, ``trainer.batch_size``/
+#: ``accum_steps``/``grad_clip``, ``data.*``, techniques ...) is refused with the diff.
+RESUME_MAY_CHANGE = (
+    "trainer.max_steps", "trainer.eval_every", "trainer.eval_batches", "trainer.final_eval_batches",
+    "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last", "trainer.progress",
+    "trainer.device", "trainer.max_bad_steps", "trainer.max_scaler_skips", "trainer.deterministic",
+    "logger", "logger.*", "resume", "run_dir", "experiment", "hydra", "hydra.*", "data.cache_dir",
+    "parallel", "parallel.*",
+)
+RESUMES_LOG = "resumes.jsonl"  # one line per resume: checkpoint, step, applied changes
+_UNSET = object()
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> List[tuple]:
+    """``(key, old, new)`` for every leaf (or whole subtree present on one side only)
+    that differs; ``_UNSET`` marks a side that lacks the key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: List[tuple] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _config_diff(old.get(k, _UNSET), new.get(k, _UNSET), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _show(value: Any) -> str:
+    text = "(unset)" if value is _UNSET else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resume_changes(state: Dict[str, Any], cfg: DictConfig, path: Path, dp_size: int) -> Dict[str, list]:
+    """Compare this run's resolved config with the checkpoint's: refuse (one line, the
+    diff) unless every change is in :data:`RESUME_MAY_CHANGE`; return the applied ones."""
+    old = state.get("config") or {}
+    if not old:  # written without a config (tests, old tfx): nothing to compare
+        return {}
+    diffs = _config_diff(old, config_dict(cfg))
+    applied, refused = {}, []
+    for key, before, after in diffs:
+        if any(fnmatch.fnmatchcase(key, pat) for pat in RESUME_MAY_CHANGE):
+            applied[key] = [None if before is _UNSET else before, None if after is _UNSET else after]
+        elif key == "trainer.batch_size" and state.get("global_batch") == after * dp_size:
+            applied[key] = [before, after]  # another data-parallel layout, same global batch
+        else:
+            refused.append(f"{key}: {_show(before)} -> {_show(after)}")
+    if refused:
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise CheckpointError(
+            f"{path} was trained with other settings ({'; '.join(refused[:8])}{more}); a resume may "
+            f"change only trainer cadence/limits (max_steps, eval_*, log_every, ckpt_every, keep_last, "
+            f"...), device, logger and parallel layout: rerun with the checkpoint's values, or start "
+            f"fresh with resume=never")
+    return applied
+
+
+def _record_resume(run_dir: Path, path: Path, state: Dict[str, Any], applied: Dict[str, list]) -> None:
+    """Print the applied changes once and append them to ``run_dir/resumes.jsonl``."""
+    if applied:
+        changes = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in applied.items())
+        print(f"resume: applying changed settings from {path.name}: {changes} "
+              f"(recorded in {run_dir / RESUMES_LOG})")
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(path),
+             "step": state.get("step"), "changes": applied}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / RESUMES_LOG, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+    except OSError as err:  # the checkpoint writes will say what is wrong with the directory
+        print(f"warning: could not record the resume in {run_dir / RESUMES_LOG}: {err}", file=sys.stderr)
+
+
 def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, cfg: DictConfig, data: TokenData,
-                     path: Path) -> None:
-    """Refuse, in one line, a checkpoint whose shapes or techniques differ from this run."""
+                     path: Path, run_dir: Optional[Path] = None, dp_size: int = 1,
+                     is_main: bool = True) -> None:
+    """Refuse, in one line, a checkpoint whose shapes, techniques or hyperparameters
+    differ from this run; print and record (``run_dir/resumes.jsonl``) the settings a
+    resume may change (:data:`RESUME_MAY_CHANGE`) that did."""
     saved, now = state.get("technique_order", []), pipeline.order()
     if structural_order(saved) != structural_order(now):  # parallel layouts may differ
         raise CheckpointError(f"{path} was trained with techniques {saved} but this run has {now}; "
@@ -119,6 +201,9 @@ def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, cfg: DictConfig,
     if diffs:
         raise CheckpointError(f"{path} does not fit this run ({'; '.join(diffs)}); resume with the "
                               f"settings it was trained with, or start fresh with resume=never")
+    applied = _resume_changes(state, cfg, path, dp_size)
+    if is_main and run_dir is not None:
+        _record_resume(Path(run_dir), path, state, applied)
 
 
 def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
@@ -130,10 +215,13 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     techniques = build_techniques(cfg) + list(extra_techniques)
     pipeline = Pipeline(techniques)
     make_optimizer, make_scheduler = optimizer_factory(cfg), scheduler_factory(cfg)
+    spec = model_spec(cfg)  # an HF spec reads its config: a bad name or no network fails here
+    use_model_tokenizer(cfg, spec)  # an HF model's own tokenizer becomes cfg.data.tokenizer
     device = resolve_device(loop.device)
     rank, local_rank, world = distributed.env_world()
     # 2. validate (pure)
-    plan = Plan(techniques, world_size=world, device_type=device.type, accum_steps=loop.accum_steps)
+    plan = Plan(techniques, world_size=world, device_type=device.type, accum_steps=loop.accum_steps,
+                model=spec)
     pipeline.validate(plan)
     facts = plan.facts()
     distributed.init_distributed(device)
@@ -147,7 +235,8 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     ckpt_dir = run_dir / "checkpoints"
     resume_path, state = resolve_and_load(cfg.resume, ckpt_dir)
     if state is not None:
-        _check_resumable(state, pipeline, cfg, data, resume_path)
+        _check_resumable(state, pipeline, cfg, data, resume_path, run_dir=run_dir, dp_size=dp_size,
+                         is_main=ctx.is_main)
     ctx = dataclasses.replace(ctx, mesh=mesh, dp_rank=dp_rank, dp_size=dp_size,
                               vocab_size=data.vocab_size, tokenizer_id=data.cache_path.name,
                               train_data=data.train,
@@ -155,7 +244,7 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
                               structure=saved_structure(state) if state is not None else {})
     # 4. model, trained weights to start from, techniques in stage order
     seed_everything(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, data.vocab_size, cfg.data.seq_len).to(ctx.device)
+    model = build_model(cfg, data.vocab_size, cfg.data.seq_len, spec=spec).to(ctx.device)
     if facts.from_checkpoint and not ctx.resuming:
         load_weights_from_run(model, facts.from_checkpoint)
     model = pipeline.apply_to_model(model, ctx)
@@ -165,10 +254,12 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     # 6. trainer; every stateful part loaded once
     loader = BlockLoader(data.train, loop.batch_size, seed=cfg.seed, rank=ctx.dp_rank, world_size=ctx.dp_size)
     fpt = flops_fn(model)
-    meta = {"config": config_dict(cfg), "vocab_size": data.vocab_size, "tokenizer_id": ctx.tokenizer_id}
+    meta = {"config": config_dict(cfg), "vocab_size": data.vocab_size, "tokenizer_id": ctx.tokenizer_id,
+            "global_batch": loop.batch_size * ctx.dp_size}
     trainer = Trainer(model, optimizer, scheduler, pipeline, loader, data.val, ctx, loop,
                       MetricsWriter(run_dir, enabled=ctx.is_main), ckpt_dir, checkpoint_meta=meta,
-                      flops_per_token=fpt(cfg.data.seq_len) if fpt else 0.0, peak_flops=peak_flops(ctx.device))
+                      flops_per_token=fpt(cfg.data.seq_len) if fpt else 0.0, peak_flops=peak_flops(ctx.device),
+                      tokenizer=data.tokenizer)
     if state is not None:
         trainer.load_state(state)
     return Job(cfg, ctx, data, model, pipeline, trainer, run_dir, ckpt_dir, resume_path)

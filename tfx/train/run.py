@@ -16,7 +16,7 @@ from tfx.ckpt import RunDirLock, clean_stale_temps
 from tfx.core import TrainingError, distributed
 from tfx.data import TokenData
 from tfx.log import WandbLogger, peak_memory_mb, reset_peak_memory
-from tfx.model import count_params
+from tfx.model import count_params, export_hf
 from tfx.train.build import Job, build, config_dict, flops_fn, resolve_device
 
 __all__ = ["Job", "build", "print_summary", "train"]
@@ -113,6 +113,7 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
             summary["mfu"] = achieved / trainer.peak_flops
     if ctx.is_main and result["stopped"] is None:
         summary.update(job.pipeline.export(job.model, job.run_dir, ctx))
+        summary.update(export_hf(job.model, job.run_dir))  # HF models: hf_model/ (save_pretrained)
     if ctx.is_main:
         trainer.metrics.log({f"val/{k}": v for k, v in val.items()}, trainer.state.step)
         trainer.metrics.write_summary(summary)

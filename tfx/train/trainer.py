@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tfx.ckpt import CheckpointManager, RNGState
+from tfx.ckpt import CheckpointManager, RNGState, latest_checkpoint
 from tfx.config import TrainerConfig
 from tfx.core import Pipeline, RunContext, StepInfo, TrainingError
 from tfx.core.loss import IGNORE_INDEX, ce_sum
@@ -36,7 +36,8 @@ class LoopState:
 
     step: int = 0
     tokens_seen: int = 0
-    bad_steps: int = 0
+    bad_steps: int = 0       # consecutive non-finite losses (not checkpointed: never saved in a streak)
+    scaler_skips: int = 0    # consecutive steps fp16's loss scaler skipped (inf/nan gradients)
     skipped_steps: int = 0
 
     def state_dict(self) -> Dict[str, Any]:
@@ -53,11 +54,13 @@ class Trainer:
                  loader: BlockLoader, val_blocks: TokenBlocks, ctx: RunContext, loop: TrainerConfig,
                  metrics: MetricsWriter, ckpt_dir: Path, wandb=None,
                  checkpoint_meta: Optional[Dict[str, Any]] = None,
-                 flops_per_token: float = 0.0, peak_flops: Optional[float] = None) -> None:
+                 flops_per_token: float = 0.0, peak_flops: Optional[float] = None,
+                 tokenizer=None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.pipeline, self.loader, self.val_blocks = pipeline, loader, val_blocks
         self.ctx, self.loop, self.metrics, self.wandb = ctx, loop, metrics, wandb
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.tokenizer = tokenizer  # evaluation reports bits per byte with it
         self.state = LoopState()
         self.checkpoints = CheckpointManager(
             ckpt_dir, model, optimizer,
@@ -136,8 +139,7 @@ class Trainer:
         grad_norm = float("nan")
         if self.loop.grad_clip:
             grad_norm = self.pipeline.clip_grad_norm(self.model, self.loop.grad_clip)
-        applied = self._guarded_step(loss if math.isfinite(grad_norm) or not self.loop.grad_clip
-                                     else float("nan"))
+        applied = self._guarded_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.scheduler.step()
@@ -146,35 +148,47 @@ class Trainer:
         self.pipeline.after_optimizer_step(self.model, StepInfo(self.state.step, 0, self.loop.accum_steps), self.ctx)
         return {"loss": loss, "grad_norm": grad_norm, "applied": float(applied)}
 
-    def _guarded_step(self, loss: float) -> bool:
-        """Step unless the loss is non-finite; fp16's scaler decides for itself."""
-        if not self.ctx.facts.skips_nonfinite and not math.isfinite(loss):
-            self.state.bad_steps += 1
-            self.state.skipped_steps += 1
-            if self.state.bad_steps >= self.loop.max_bad_steps:
-                last = self.checkpoints.last
-                where = f"; last good checkpoint: {last}" if last else ""
-                raise TrainingError(f"loss was non-finite for {self.state.bad_steps} consecutive steps "
-                                    f"at step {self.state.step}; lower optim.lr or use precision=fp32"
-                                    f"{where}")
-            return False
-        applied = self.pipeline.optimizer_step(self.optimizer)
-        if applied:
-            self.state.bad_steps = 0
-        else:
-            self.state.skipped_steps += 1
+    def _guarded_step(self, loss: float, grad_norm: float = float("nan")) -> bool:
+        """Step unless the loss (or, when clipping, the gradient norm) is non-finite.
+        fp16's scaler sees every step and skips those with inf/nan gradients itself.
+        Stops with a :class:`TrainingError` after ``trainer.max_bad_steps`` consecutive
+        non-finite losses (any precision) or ``trainer.max_scaler_skips`` consecutive
+        scaler skips."""
+        state, loop = self.state, self.loop
+        scaler = self.ctx.facts.skips_nonfinite
+        # without a scaler, a non-finite clipping norm means non-finite gradients: a bad step too
+        bad = not math.isfinite(loss) or (not scaler and bool(loop.grad_clip) and not math.isfinite(grad_norm))
+        applied = bool(self.pipeline.optimizer_step(self.optimizer)) if scaler or not bad else False
+        state.bad_steps = state.bad_steps + 1 if bad else 0
+        state.scaler_skips = 0 if applied or not scaler else state.scaler_skips + 1
+        if not applied:
+            state.skipped_steps += 1
+        if state.bad_steps >= loop.max_bad_steps:
+            raise TrainingError(f"loss was non-finite for {state.bad_steps} consecutive steps at step "
+                                f"{state.step + 1}; lower optim.lr or use precision=fp32"
+                                f"{self._last_good()}")
+        if scaler and state.scaler_skips >= loop.max_scaler_skips:
+            raise TrainingError(f"the fp16 loss scaler skipped {state.scaler_skips} consecutive steps "
+                                f"(inf/nan gradients) at step {state.step + 1}; lower optim.lr or use "
+                                f"precision=bf16 or fp32{self._last_good()}")
         return applied
+
+    def _last_good(self) -> str:
+        """No checkpoint is written inside a streak: the newest one is the last good one."""
+        last = self.checkpoints.last or latest_checkpoint(self.checkpoints.ckpt_dir)
+        return f"; last good checkpoint: {last}" if last else "; no checkpoint was written"
 
     # -- evaluation ------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, blocks: Optional[TokenBlocks] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
-        """Validation loss/ppl; through the technique that owns the forward (pipeline
-        stages) when there is one."""
+        """Validation loss, ppl, bits per token and per byte; through the technique that
+        owns the forward (pipeline stages) when there is one."""
         owner = self.pipeline.forward_owner()
         ce = (lambda model, batch: owner.eval_ce_sum(model, batch, self.ctx)) if owner is not None else None
         with self.pipeline.step_context(self.model, StepInfo(self.state.step), self.ctx):
             return evaluate_lm(self.model, blocks or self.val_blocks, self.loop.batch_size,
-                               self.ctx.device, max_batches=max_batches, ce_sum_fn=ce)
+                               self.ctx.device, max_batches=max_batches, ce_sum_fn=ce,
+                               tokenizer=self.tokenizer)
 
     # -- checkpoints -----------------------------------------------------------------
     @property
@@ -191,6 +205,19 @@ class Trainer:
         """Restore every stateful part, once (the build order calls this after every
         technique was applied and the optimizer exists)."""
         self.checkpoints.load(state)
+        self._sync_lr()
+
+    def _sync_lr(self) -> None:
+        """The scheduler was built for this run's ``max_steps`` and only its position was
+        loaded; set the learning rate of the resumed step from it, so that a changed
+        ``trainer.max_steps`` applies from the first resumed step (unchanged, this gives
+        the saved value bit for bit: the same ``base_lr * lambda(step)``)."""
+        sched = self.scheduler
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
 
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -220,15 +247,18 @@ class Trainer:
                 self._log({f"val/{k}": v for k, v in last_eval.items()})
             for cb in self.callbacks:
                 cb(self)
-            healthy = self.state.bad_steps == 0  # never checkpoint inside a non-finite streak
+            healthy = self._healthy()  # never checkpoint inside a non-finite or scaler-skip streak
             if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps and healthy:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         done = self._stop_reason is not None or self.state.step >= loop.max_steps
-        if done and self.state.bad_steps == 0:  # never a checkpoint of a non-finite streak
+        if done and self._healthy():  # never a checkpoint of a non-finite or skip streak
             self.save_checkpoint()
         return {"step_times": step_times, "stopped": self._stop_reason, "last_eval": last_eval}
+
+    def _healthy(self) -> bool:
+        return self.state.bad_steps == 0 and self.state.scaler_skips == 0
 
     def _progress_bar(self):
         if not (self.loop.progress and self.ctx.is_main):
