@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tfx.core import Stage, Technique
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -55,3 +57,22 @@ def run_cli(args, cwd=ROOT, timeout=300, env=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+class GradRecorder(Technique):
+    """Test probe: copies the gradients right before each optimizer step."""
+
+    stage = Stage.COMM
+    name = "grad_recorder"
+
+    def __init__(self):
+        self.grads = []
+
+    def before_optimizer_step(self, model, optimizer, info, ctx):
+        self.grads.append({clean(n): p.grad.detach().clone() for n, p in model.named_parameters()
+                           if p.grad is not None})
+
+
+def clean(name):
+    """Parameter name without wrapper prefixes (checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")

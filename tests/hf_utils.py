@@ -29,7 +29,7 @@ def tiny_llama_config(vocab_size: int = 320, tie: bool = True):
                        max_position_embeddings=128, tie_word_embeddings=tie, rms_norm_eps=1e-5)
 
 
-def tiny_tokenizer(vocab_size: int = 300):
+def tiny_tokenizer(vocab_size: int = 300, text: str = TOKENIZER_TEXT):
     """Byte-level BPE (256 bytes + <|endoftext|> + a few merges) as an HF fast tokenizer.
     Deterministic, so every test session reuses one data cache for it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,7 +41,7 @@ def tiny_tokenizer(vocab_size: int = 300):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([TOKENIZER_TEXT] * 20, trainer=trainer)
+    tok.train_from_iterator([text] * 20, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 

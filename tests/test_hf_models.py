@@ -17,6 +17,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+import hf_utils  # noqa: E402
 from tfx.core.errors import ConfigError, DataError  # noqa: E402
 from tfx.data.config import TokenizerConfig  # noqa: E402
 from tfx.data.tokenizer import (build_tokenizer, load_tokenizer as load_tfx_tokenizer,  # noqa: E402
@@ -56,19 +57,8 @@ def tiny_gpt():
 
 
 def tiny_tokenizer(vocab_size: int = 280, text: str = "the quick brown fox jumps over the lazy dog"):
-    """A small byte-level BPE (256 bytes + end-of-text + a few merges) wrapped as an HF
-    fast tokenizer, which is what from_pretrained returns."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([text] * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    """A small byte-level BPE wrapped as an HF fast tokenizer (what from_pretrained returns)."""
+    return hf_utils.tiny_tokenizer(vocab_size, text)
 
 
 def one_line(err) -> str:

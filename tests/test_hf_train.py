@@ -20,10 +20,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_cli  # noqa: E402
+from conftest import GradRecorder, run_cli  # noqa: E402
 from hf_utils import HF_TINY, compose, hf_cfg, save_tiny_gpt2, save_tiny_llama  # noqa: E402
 from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
-from tfx.core import ConfigError, Plan, Stage, Technique  # noqa: E402
+from tfx.core import ConfigError, Plan  # noqa: E402
 from tfx.data import prepare_data, to_data_config  # noqa: E402
 from tfx.data.pack import cache_path  # noqa: E402
 from tfx.model import CausalLM, HFModel, count_params, export_hf  # noqa: E402
@@ -53,20 +53,6 @@ def hf_data(llama_dir, _isolated_env):
     cfg = hf_cfg(llama_dir)
     use_model_tokenizer(cfg, model_spec(cfg))
     return prepare_data(cfg.data)
-
-
-class GradRecorder(Technique):
-    """Test probe: the gradients right before the first optimizer step."""
-
-    stage = Stage.COMM
-    name = "grad_recorder"
-
-    def __init__(self):
-        self.grads = []
-
-    def before_optimizer_step(self, model, optimizer, info, ctx):
-        self.grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.detach().clone()
-                           for n, p in model.named_parameters() if p.grad is not None})
 
 
 def first_grads(cfg, run_dir, data):

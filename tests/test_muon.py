@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny
+from conftest import GradRecorder, tiny
 from parallel_utils import (assert_same_training, final_weights, interrupt_after, parallel_env,  # noqa: F401
                             run_single, run_workers, train_log)
 from tfx.config import optimizer_factory
-from tfx.core import ConfigError, Stage, Technique
+from tfx.core import ConfigError
 from tfx.optim.muon import MuonAdamW, muon
 from tfx.train.run import build
 
@@ -191,20 +191,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, pydocs_data):
 
 
 # -- 4. accumulation -------------------------------------------------------------------
-class GradRecorder(Technique):
-    """Test probe: copies the gradients right before each optimizer step."""
-
-    stage = Stage.COMM
-    name = "grad_recorder"
-
-    def __init__(self):
-        self.grads = []
-
-    def before_optimizer_step(self, model, optimizer, info, ctx):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
-                           if p.grad is not None})
-
-
 def fp32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
     """torch's Muon orthogonalisation (torch/optim/_muon.py) in float32 instead of bfloat16."""
     a, b, c = ns_coefficients

@@ -6,28 +6,9 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import GradRecorder, tiny
 from tfx.core import Stage, Technique
 from tfx.train.run import build, train
-
-
-class GradRecorder(Technique):
-    """Test probe: copies the gradients right before each optimizer step."""
-
-    stage = Stage.COMM
-    name = "grad_recorder"
-
-    def __init__(self):
-        self.grads = []
-
-    def before_optimizer_step(self, model, optimizer, info, ctx):
-        self.grads.append({clean(n): p.grad.detach().clone() for n, p in model.named_parameters()
-                           if p.grad is not None})
-
-
-def clean(name):
-    """Parameter name without wrapper prefixes (checkpointing, compile)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def first_grads(cfg, tmp_path, data):
