@@ -189,11 +189,9 @@ def _check_resumable(state: Dict[str, Any], pipeline: Pipeline, cfg: DictConfig,
     if structural_order(saved) != structural_order(now):  # parallel layouts may differ
         raise CheckpointError(f"{path} was trained with techniques {saved} but this run has {now}; "
                               f"resume with the same techniques, or start fresh with resume=never")
-    old = OmegaConf.create(state.get("config", {}))
-    diffs = [f"model.{k}: {old.model.get(k)!r} -> {v!r}" for k, v in cfg.model.items()
-             if "model" in old and old.model.get(k) != v]
-    if old.get("data", {}).get("seq_len") not in (None, cfg.data.seq_len):
-        diffs.append(f"data.seq_len: {old.data.seq_len} -> {cfg.data.seq_len}")
+    # model.* and data.* (shapes, seq_len) are refused by the config diff below; the data
+    # itself can differ under the same config (another tokenizer build, files changed)
+    diffs = []
     if state.get("vocab_size") not in (None, data.vocab_size):
         diffs.append(f"vocabulary: {state['vocab_size']} -> {data.vocab_size} tokens")
     elif state.get("tokenizer_id") not in (None, data.cache_path.name):
