@@ -51,6 +51,8 @@ class RunContext:
     structure: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: the train split (``tfx.data.TokenBlocks``): calibration data for one-shot methods
     train_data: Any = None
+    #: ``trainer.max_steps`` (None outside training): fraction schedules resolve against it
+    max_steps: Optional[int] = None
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:

@@ -215,13 +215,17 @@ class Plan:
     """
 
     def __init__(self, techniques: Iterable[Technique], world_size: int = 1,
-                 device_type: str = "cpu", accum_steps: int = 1, model: Any = None) -> None:
+                 device_type: str = "cpu", accum_steps: int = 1, model: Any = None,
+                 max_steps: Optional[int] = None) -> None:
         self.techniques: List[Technique] = sorted(techniques, key=lambda t: int(t.stage))
         self.world_size = world_size
         self.device_type = device_type
         self.accum_steps = accum_steps
         #: the ``model`` group's spec (no tensors), e.g. for ``spec_family(plan.model)``
         self.model = model
+        #: ``trainer.max_steps``: schedules given as fractions resolve against it
+        #: (:func:`tfx.core.schedule.resolve_step`); None outside a training run
+        self.max_steps = max_steps
 
     def find(self, cls: type) -> Optional[Technique]:
         return next((t for t in self.techniques if isinstance(t, cls)), None)

@@ -219,13 +219,13 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     rank, local_rank, world = distributed.env_world()
     # 2. validate (pure)
     plan = Plan(techniques, world_size=world, device_type=device.type, accum_steps=loop.accum_steps,
-                model=spec)
+                model=spec, max_steps=loop.max_steps)
     pipeline.validate(plan)
     facts = plan.facts()
     distributed.init_distributed(device)
     run_dir = Path(run_dir)
     ctx = RunContext(device=device, rank=rank, local_rank=local_rank, world_size=world, run_dir=run_dir,
-                     facts=facts, seed=cfg.seed)
+                     facts=facts, seed=cfg.seed, max_steps=loop.max_steps)
     mesh = pipeline.device_mesh(ctx)
     dp_rank, dp_size = distributed.dp_coords(mesh, rank, world)
     # 3. data, and the checkpoint to resume from (read once)
