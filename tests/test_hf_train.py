@@ -200,12 +200,13 @@ def test_compile_matches_eager(llama_dir, hf_data, tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-def test_tensor_and_pipeline_parallel_refuse_in_validate(llama_dir):
+def test_pipeline_parallel_refuses_in_validate(llama_dir):
+    """(Tensor parallel works on hf_llama: tests/test_hf_tp.py.)"""
     from tfx.model import GPTConfig
-    from tfx.parallel import PipelineParallel, TensorParallel
+    from tfx.parallel import PipelineParallel
 
     spec = HFModel(str(llama_dir))
-    for tech, needle in ((TensorParallel(), "parallel=tp"), (PipelineParallel(), "parallel=pp")):
+    for tech, needle in ((PipelineParallel(), "parallel=pp"),):
         with pytest.raises(ConfigError) as err:
             tech.validate(Plan([tech], world_size=2, model=spec))
         msg = one_line(err)
@@ -443,14 +444,13 @@ def test_smollm2_perplexity_far_below_a_random_copy(smollm2, tmp_path):
 def test_gpt_only_techniques_refuse_hf_models_in_validate(llama_dir):
     """Techniques that work on tfx's GPT layout would find no layer in an HF model and
     silently do nothing; they refuse in one line instead (wanda/sparsegpt/gptq work)."""
-    from tfx.attention import SlidingWindowAttention
     from tfx.compression import (QAT, Distillation, LowRank, MagnitudePruning, NMPruning,
                                  PostTrainingQuant, StructuredPruning)
     from tfx.model import GPTConfig
 
     spec = HFModel(str(llama_dir))
     for tech in (MagnitudePruning(), NMPruning(), PostTrainingQuant(), QAT(), LowRank(), StructuredPruning(),
-                 Distillation(teacher="x"), SlidingWindowAttention(window=16)):
+                 Distillation(teacher="x")):
         with pytest.raises(ConfigError) as err:
             tech.validate(Plan([tech], model=spec))
         msg = one_line(err)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ class BlockedLayout:
 
     Query tile ``a`` reads the ``band`` key tiles ``a - band + 1 .. a`` (a strided
     view of the keys, no copy) and the shared key ``columns``; ``mask`` is
-    ``(1, n_tiles, tile, keys_per_query)``, True = attend.
+    ``(1, n_tiles, groups * tile, keys_per_query)``, True = attend: with grouped-query
+    attention the ``groups`` query heads that share one KV head are stacked along the
+    query rows of a tile, so they read that head's keys once (the mask repeats per group).
     """
 
     seq_len: int
@@ -39,6 +42,7 @@ class BlockedLayout:
     band: int
     columns: torch.Tensor
     mask: torch.Tensor
+    groups: int = 1
 
     @property
     def n_tiles(self) -> int:
@@ -69,8 +73,10 @@ def _band_width(need: torch.Tensor) -> int:
 
 
 @lru_cache(maxsize=64)
-def build_layout(pattern: Pattern, seq_len: int, tile: int, device: torch.device) -> BlockedLayout:
-    """Gather plan for ``pattern`` at ``seq_len``; cached, shared by all layers."""
+def build_layout(pattern: Pattern, seq_len: int, tile: int, device: torch.device,
+                 groups: int = 1) -> BlockedLayout:
+    """Gather plan for ``pattern`` at ``seq_len``; cached, shared by all layers.
+    ``groups``: query heads per KV head (grouped-query attention), 1 without."""
     n = math.ceil(seq_len / tile)
     tiles = torch.arange(n, device=device)[:, None]
     band = _band_width(pattern.tile_mask(n, tile, device))
@@ -94,7 +100,9 @@ def build_layout(pattern: Pattern, seq_len: int, tile: int, device: torch.device
     # 4-D (1, n, tile, S): the shape SDPA's CPU flash kernel accepts; a 3-D mask
     # silently falls back to the unfused math path (about 3x slower here).
     mask = (usable[:, None, :] & allowed)[None]
-    return BlockedLayout(seq_len, tile, band, columns, mask)
+    if groups > 1:  # rows (group, position in tile), as blocked_attention stacks the queries
+        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(1, n, groups * tile, -1)
+    return BlockedLayout(seq_len, tile, band, columns, mask, groups)
 
 
 def _keys(x: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
@@ -114,11 +122,29 @@ def _keys(x: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockedLayout,
-                      dropout_p: float = 0.0) -> torch.Tensor:
-    """Sparse causal attention over ``(B, H, T, D)`` inputs following ``layout``."""
-    B, H, T, D = q.shape
+                      dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+    """Sparse causal attention following ``layout``: ``q`` is ``(B, Hq, T, D)``, ``k``
+    ``(B, Hkv, T, D)`` and ``v`` ``(B, Hkv, T, Dv)`` with ``Hq = layout.groups * Hkv``
+    (grouped-query attention: query head ``h`` reads KV head ``h // groups``, as
+    transformers' ``repeat_kv`` orders them). ``scale`` defaults to ``1/sqrt(D)``.
+
+    Under GQA the keys are never repeated per query head: the ``groups`` query heads of
+    one KV head are stacked along each tile's query rows and scored against that head's
+    keys in the same SDPA call."""
+    B, Hq, T, D = q.shape
+    Hkv, g = k.shape[1], layout.groups
+    if Hq != g * Hkv:
+        raise ValueError(f"{Hq} query heads and {Hkv} KV heads need a layout built with "
+                         f"groups={Hq // max(Hkv, 1)}, not {g}")
     n, tile = layout.n_tiles, layout.tile
-    q_tiles = F.pad(q, (0, 0, 0, n * tile - T)).reshape(B * H, n, tile, D)
+    q_tiles = F.pad(q, (0, 0, 0, n * tile - T))
+    if g == 1:
+        q_tiles = q_tiles.reshape(B * Hq, n, tile, D)
+    else:  # (B, Hkv, g, n, tile, D) -> (B*Hkv, n, g*tile, D)
+        q_tiles = q_tiles.view(B, Hkv, g, n, tile, D).transpose(2, 3).reshape(B * Hkv, n, g * tile, D)
     out = F.scaled_dot_product_attention(q_tiles, _keys(k, layout), _keys(v, layout),
-                                         attn_mask=layout.mask, dropout_p=dropout_p)
-    return out.view(B, H, n * tile, D)[:, :, :T]
+                                         attn_mask=layout.mask, dropout_p=dropout_p, scale=scale)
+    Dv = out.shape[-1]
+    if g > 1:
+        out = out.view(B, Hkv, n, g, tile, Dv).transpose(2, 3)
+    return out.reshape(B, Hq, n * tile, Dv)[:, :, :T]

@@ -1,7 +1,12 @@
-"""Sparse attention as a SURGERY technique: swap every block's ``attn.kernel``.
+"""Sparse attention as a SURGERY technique: swap every block's ``attn.kernel`` (tfx's
+GPT), or switch a Hugging Face model's attention implementation to the same kernel
+registered with transformers' ``AttentionInterface`` (Llama-like models and GPT-2; see
+:func:`tfx.attention.kernels.register_hf_attention`).
 
 Only the kernel changes, never a parameter, so a checkpoint trained with sparse
-attention loads into a dense model and back. Constructor arguments are the yaml keys
+attention loads into a dense model and back. A resume, ``load_run`` and evaluate.py
+re-apply the technique (it is SURGERY) before loading, so they rebuild the same
+attention. Constructor arguments are the yaml keys
 of ``conf/attention/*.yaml``. Values are checked in :meth:`SparseAttention.validate`
 (not in ``__init__``), so a bad value reaches the user as a :class:`ConfigError`
 rather than wrapped in Hydra's instantiation error.
@@ -12,27 +17,46 @@ from typing import Union
 
 from torch import nn
 
-from tfx.attention.kernels import IMPLS, make_kernel
+from tfx.attention.kernels import IMPLS, SparseKernel, make_kernel, register_hf_attention
 from tfx.attention.patterns import FixedBlockSparse, GlobalLocal, Pattern, SlidingWindow, _check_int
 from tfx.core.context import RunContext
-from tfx.model.anatomy import require_own_gpt
+from tfx.model.anatomy import spec_family, unwrap
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Plan, Stage, Technique
 from tfx.model.attention import AttentionKernel
 
 
+#: model families whose attention the technique reaches (tests/test_hf_attention.py)
+FAMILIES = ("tfx_gpt", "hf_llama", "hf_gpt2")
+
+
 def apply_sparse_attention(model: nn.Module, kernel_or_pattern: Union[AttentionKernel, Pattern],
                            impl: str = "auto", tile: int = 64) -> nn.Module:
-    """Replace the attention kernel of every attention layer of ``model`` in place.
+    """Make every attention layer of ``model`` use the sparse kernel, in place.
 
     Pass a ready kernel, or a :class:`Pattern` to get ``make_kernel(pattern, impl, tile)``
-    with the model's attention dropout. One kernel instance is shared by all layers:
-    kernels hold no parameters, and sharing keeps one cache of layouts.
+    (with the model's attention dropout, for tfx's GPT). tfx's GPT: one kernel instance
+    replaces every block's ``attn.kernel`` (kernels hold no parameters, and sharing
+    keeps one cache of layouts). A transformers model (also inside tfx's
+    :class:`~tfx.model.hf.CausalLM` wrapper): the kernel is registered with
+    ``AttentionInterface`` and set with ``set_attn_implementation``; the model's own
+    attention modules then pass their q, k, v (GQA included), scaling and dropout to it.
     """
+    lm = unwrap(model)
+    if callable(getattr(lm, "set_attn_implementation", None)):
+        kernel = kernel_or_pattern
+        if isinstance(kernel, Pattern):
+            kernel = make_kernel(kernel, impl, tile)
+        if not isinstance(kernel, SparseKernel):
+            raise ConfigError(f"{type(kernel).__name__} is not a tfx sparse kernel; Hugging Face "
+                              "models take a Pattern or a kernel from tfx.attention.make_kernel")
+        lm.set_attn_implementation(register_hf_attention(kernel))
+        return model
     owners = [m for m in model.modules() if isinstance(getattr(m, "kernel", None), AttentionKernel)]
     if not owners:
         raise ConfigError(f"{type(model).__name__} has no attention layer with a `kernel` "
-                          "to replace; sparse attention needs tfx.model.GPT blocks")
+                          "to replace; sparse attention needs tfx.model.GPT blocks or a "
+                          "transformers model")
     kernel = kernel_or_pattern
     if isinstance(kernel, Pattern):
         dropout = getattr(owners[0].kernel, "dropout", 0.0)
@@ -40,6 +64,18 @@ def apply_sparse_attention(model: nn.Module, kernel_or_pattern: Union[AttentionK
     for owner in owners:
         owner.kernel = kernel
     return model
+
+
+def hf_attention_conflict(config) -> str:
+    """Why a transformers config's own attention pattern clashes with a tfx pattern
+    ('' when it does not): sliding-window or other non-full layers of its own."""
+    types = sorted(set(getattr(config, "layer_types", None) or ()) - {"full_attention"})
+    if types:
+        return f"layer_types {types}"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"sliding_window={window}"
+    return ""
 
 
 class SparseAttention(Technique):
@@ -55,7 +91,15 @@ class SparseAttention(Technique):
         raise NotImplementedError
 
     def validate(self, plan: Plan) -> None:
-        require_own_gpt(plan, f"attention={self.key}", "replaces the attention kernel")
+        family = spec_family(plan.model)
+        if plan.model is not None and family not in FAMILIES:
+            raise ConfigError(f"attention={self.key} reaches the attention of {', '.join(FAMILIES)} "
+                              f"models; {family or type(plan.model).__name__} is not one of them: "
+                              f"use attention=dense")
+        clash = hf_attention_conflict(getattr(plan.model, "config", None)) if family != "tfx_gpt" else ""
+        if clash:
+            raise ConfigError(f"attention={self.key}: the model already restricts its attention "
+                              f"({clash}); use attention=dense to keep the model's own pattern")
         self.pattern()  # raises ConfigError naming the bad key
         _check_int(self.key, "tile", self.tile, 1)
         if self.impl not in IMPLS:
