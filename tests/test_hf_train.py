@@ -444,13 +444,11 @@ def test_smollm2_perplexity_far_below_a_random_copy(smollm2, tmp_path):
 def test_gpt_only_techniques_refuse_hf_models_in_validate(llama_dir):
     """Techniques that work on tfx's GPT layout would find no layer in an HF model and
     silently do nothing; they refuse in one line instead (wanda/sparsegpt/gptq work)."""
-    from tfx.compression import (QAT, Distillation, LowRank, MagnitudePruning, NMPruning,
-                                 PostTrainingQuant, StructuredPruning)
+    from tfx.compression import Distillation
     from tfx.model import GPTConfig
 
     spec = HFModel(str(llama_dir))
-    for tech in (MagnitudePruning(), NMPruning(), PostTrainingQuant(), QAT(), LowRank(), StructuredPruning(),
-                 Distillation(teacher="x")):
+    for tech in (Distillation(teacher="x"),):
         with pytest.raises(ConfigError) as err:
             tech.validate(Plan([tech], model=spec))
         msg = one_line(err)

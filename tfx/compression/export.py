@@ -17,7 +17,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from tfx.compression._common import unwrap
+from tfx.compression._common import strip_wrappers
 from tfx.compression.reload import inference_state_dict
 from tfx.core.context import RunContext
 from tfx.core.errors import CheckpointError, ConfigError
@@ -96,7 +96,9 @@ class CompressedExport(Technique):
         self.dtype, self.zstd_level = dtype, zstd_level
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        sd = inference_state_dict(unwrap(model).state_dict())
+        # the built model's keys (an HF model keeps tfx's ``lm.`` prefix), so
+        # load_compressed_state(fresh_model, load_compressed(path)) reloads it
+        sd = inference_state_dict(strip_wrappers(model).state_dict())
         info = save_compressed(sd, os.path.join(out_dir, "model" + EXTENSION),
                                DTYPES[self.dtype], self.zstd_level)
         return {"compressed_export/bytes": info["bytes"],

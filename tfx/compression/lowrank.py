@@ -9,6 +9,14 @@ float64 so that full rank reproduces the layer to float32 round-off.
 A Linear pays off only when ``r (in + out) < in * out``: for a square d x d layer,
 below r = d/2. The rank is ``rank_ratio * min(in, out)`` or the smallest rank whose
 singular values keep ``energy`` of ``sum(S^2)``.
+
+The factorized modules are the block Linears of the model anatomy (tfx's GPT, HF
+Llama, HF GPT-2, whose ``Conv1D`` stores ``W`` transposed: it is factorized as the
+``(out x in)`` matrix it computes with, into the same ``Sequential`` of Linears).
+A factorized Hugging Face model no longer matches its config, so it is saved in tfx's
+format (the run's checkpoint: ``tfx.ckpt.load_run``; a state dict:
+``tfx.compression.load_compressed_state(fresh_model, state_dict)``, which reads the
+ranks from the shapes), not with ``save_pretrained``.
 """
 from __future__ import annotations
 
@@ -18,11 +26,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import block_linears, set_submodule
+from tfx.compression._common import block_linears, set_submodule, weight_matrix
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
 from tfx.core.technique import Stage, Technique
-from tfx.model.anatomy import require_own_gpt
+from tfx.model.anatomy import in_features, out_features, require_anatomy
 from tfx.model.size import count_params
 
 
@@ -40,15 +48,16 @@ def choose_rank(s: torch.Tensor, rank_ratio: Optional[float], energy: Optional[f
 
 
 @torch.no_grad()
-def factorize(lin: nn.Linear, rank: Optional[int] = None, rank_ratio: Optional[float] = None,
+def factorize(lin: nn.Module, rank: Optional[int] = None, rank_ratio: Optional[float] = None,
               energy: Optional[float] = None) -> nn.Sequential:
-    """Return ``Sequential(Linear(in, r, bias=False), Linear(r, out))`` ~= ``lin``."""
-    w = lin.weight.detach()
+    """Return ``Sequential(Linear(in, r, bias=False), Linear(r, out))`` ~= ``lin`` (an
+    ``nn.Linear`` or GPT-2 ``Conv1D``)."""
+    w = weight_matrix(lin).detach()
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     r = rank if rank is not None else choose_rank(s, rank_ratio, energy)
     root = s[:r].sqrt()
-    first = nn.Linear(lin.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-    second = nn.Linear(r, lin.out_features, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    first = nn.Linear(in_features(lin), r, bias=False, device=w.device, dtype=w.dtype)
+    second = nn.Linear(r, out_features(lin), bias=lin.bias is not None, device=w.device, dtype=w.dtype)
     first.weight.copy_(root[:, None] * vh[:r])
     second.weight.copy_(u[:, :r] * root)
     if lin.bias is not None:
@@ -59,7 +68,8 @@ def factorize(lin: nn.Linear, rank: Optional[int] = None, rank_ratio: Optional[f
 def apply_lowrank(model: nn.Module, rank_ratio: Optional[float] = None,
                   energy: Optional[float] = None,
                   ranks: Optional[Dict[str, int]] = None) -> Dict[str, int]:
-    """Factorize every block Linear in place; returns the chosen rank per layer.
+    """Factorize every block Linear in place; returns the chosen rank per layer, by
+    its name in ``model`` (e.g. ``lm.model.layers.0.mlp.up_proj`` under tfx's HF wrapper).
 
     ``ranks`` (layer name -> rank) overrides the rule, e.g. to rebuild a saved run."""
     chosen = {}
@@ -94,7 +104,7 @@ class LowRank(Technique):
         self.params_before = self.params_after = 0
 
     def validate(self, plan) -> None:
-        require_own_gpt(plan, "compression=lowrank", "factorizes the block Linears")
+        require_anatomy(plan, "compression=lowrank")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         saved = dict(ctx.structure_of(self).get("ranks", {})) if ctx.resuming else None

@@ -12,21 +12,33 @@ by prune's own ``L1Unstructured``. Re-running ``prune.l1_unstructured`` at every
 schedule point would also work, but stacks a ``PruningContainer`` per call, and a
 resumed run (which re-installs fresh reparametrisations, then loads the masks) would
 carry a different hook history than the uninterrupted one.
+
+The pruned modules are the block Linears the model anatomy names
+(:func:`tfx.compression._common.block_linears`): tfx's GPT, HF Llama (q/k/v/o,
+gate/up/down) and HF GPT-2, whose ``Conv1D`` stores its weight ``(in, out)``;
+magnitude masks do not care, N:M groups are taken along the inputs either way.
+
+Schedule positions (``start_step``, ``end_step``, ``frequency``, ``at_step``) are
+optimizer steps (int) or fractions of ``trainer.max_steps`` (float,
+:mod:`tfx.core.schedule`); the defaults are fractions, so the schedule fits any run.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import math
+from functools import reduce
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import block_linears, unwrap
+from tfx.compression._common import block_linears, is_conv1d, strip_wrappers, unwrap, weight_matrix
 from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
+from tfx.core.schedule import StepSpec, check_within, resolve_step
 from tfx.core.technique import Plan, Stage, Technique
-from tfx.model.anatomy import require_own_gpt
+from tfx.model.anatomy import require_anatomy, spec_block_linears, spec_family
 
 
 # -- plain functions -------------------------------------------------------------------
@@ -117,10 +129,16 @@ def cubic_sparsity(step: int, final: float, start_step: int, end_step: int,
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
+def is_masked(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not a child) carries a prune reparametrisation of its weight."""
+    return "weight_orig" in module._parameters and hasattr(module, "weight_mask")
+
+
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold masks into the weights (``prune.remove``): plain Linears with zeros."""
+    """Fold masks into the weights (``prune.remove``): plain Linears (or GPT-2
+    ``Conv1D``) with zeros, the parameter names the model had before pruning."""
     for _, m in model.named_modules():
-        if isinstance(m, nn.Linear) and prune.is_pruned(m):
+        if is_masked(m):
             prune.remove(m, "weight")
     return model
 
@@ -153,11 +171,14 @@ class NMUnstructured(prune.BasePruningMethod):
 
 @torch.no_grad()
 def nm_prune(model: nn.Module, n: int = 2, m: int = 4) -> float:
-    """Give every block Linear an N:M mask from its current magnitudes."""
+    """Give every block Linear an N:M mask from its current magnitudes (groups of ``m``
+    consecutive inputs of an output row, also for GPT-2's transposed ``Conv1D``)."""
     method = NMUnstructured(n, m)
     mods = install_masks(model)
     for mod in mods:
-        mod.weight_mask.copy_(method.compute_mask(mod.weight_orig, torch.ones_like(mod.weight_mask)))
+        w = weight_matrix(mod, mod.weight_orig)  # (out, in)
+        mask = method.compute_mask(w, torch.ones_like(w))
+        mod.weight_mask.copy_(weight_matrix(mod, mask))  # back to the module's layout
     _refresh(mods)
     return sparsity(model)
 
@@ -173,6 +194,9 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         raise ConfigError("2:4 sparse kernels need a CUDA GPU with compute capability >= 8.0; "
                           "on CPU the 2:4 model is exported as a masked dense model")
     make_permanent(model)
+    if any(is_conv1d(mod) for _, mod in block_linears(model)):
+        raise ConfigError("2:4 sparse kernels take nn.Linear weights; GPT-2's Conv1D layers "
+                          "are exported as a masked dense model only")
     for _, mod in block_linears(model):
         mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()),
                                   requires_grad=False)
@@ -180,6 +204,20 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
 
 
 # -- techniques ---------------------------------------------------------------------
+def check_nm_widths(plan: Plan, option: str, m: int) -> None:
+    """Refuse, in ``validate``, an ``m`` that does not divide the input width of every
+    block Linear of the model ``plan.model`` builds (read from a weightless copy)."""
+    shapes = spec_block_linears(getattr(plan, "model", None))
+    for name, fan_in, _ in shapes or ():
+        if fan_in % m:
+            widths = sorted({i for _, i, _ in shapes})
+            g = reduce(math.gcd, widths)
+            raise ConfigError(f"{option}.m={m} does not divide in_features={fan_in} of {name} "
+                              f"({spec_family(plan.model)}); N:M groups are m consecutive inputs "
+                              f"of a row, so m must divide every block Linear's input width "
+                              f"({widths}): choose a divisor of {g}")
+
+
 class _MaskTechnique(Technique):
     stage = Stage.SURGERY
 
@@ -196,23 +234,34 @@ class _MaskTechnique(Technique):
                               "pruning masks of the same layers; choose one of them")
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        model = unwrap(model)
+        """``model_sparse.tfxs`` (keys of the built model, so ``load_compressed_state(
+        fresh_model, load_sparse(path))`` reloads it), then the masks are folded into the
+        weights (``prune.remove``): training is over and the last checkpoint, masks
+        included, is written, so the model keeps its function and its original parameter
+        names, and an HF model's ``hf_model/`` is a plain ``save_pretrained`` folder."""
+        plain = strip_wrappers(model)
         path = f"{out_dir}/model_sparse.tfxs"
-        info = save_sparse(model, path)
-        return {f"{self.name}/sparsity": sparsity(model), f"{self.name}/sparse_bytes": info["bytes"],
-                f"{self.name}/dense_bytes": info["dense_bytes"],
-                f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
+        info = save_sparse(plain, path)
+        metrics = {f"{self.name}/sparsity": sparsity(plain), f"{self.name}/sparse_bytes": info["bytes"],
+                   f"{self.name}/dense_bytes": info["dense_bytes"],
+                   f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
+        make_permanent(plain)
+        return metrics
 
 
-class _GPTMaskTechnique(_MaskTechnique):
-    """Masks chosen from magnitudes over ``block_linears`` (tfx's GPT layout)."""
+class _BlockMaskTechnique(_MaskTechnique):
+    """Masks chosen from magnitudes over ``block_linears`` (any family with an anatomy)."""
 
     def validate(self, plan: Plan) -> None:
         super().validate(plan)
-        require_own_gpt(plan, f"compression={self.name}", "masks the block Linears")
+        require_anatomy(plan, f"compression={self.name}")
 
 
-class MagnitudePruning(_GPTMaskTechnique):
+def _check_step_spec(value: StepSpec, key: str) -> None:
+    resolve_step(value, 1, key)  # type and range only; the run's max_steps is checked in validate
+
+
+class MagnitudePruning(_BlockMaskTechnique):
     """Unstructured magnitude pruning of the block Linears to ``sparsity``.
 
     ``schedule="oneshot"`` prunes once at ``start_step`` (0: when applied, e.g. right
@@ -220,12 +269,17 @@ class MagnitudePruning(_GPTMaskTechnique):
     from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``,
     updating every ``frequency`` optimizer steps. The model keeps training between
     and after schedule points, which is what recovers the accuracy.
+
+    ``start_step``, ``end_step`` and ``frequency`` are optimizer steps (int) or
+    fractions of ``trainer.max_steps`` (float); a fraction of ``frequency`` that rounds
+    to 0 steps means every step. The defaults (0.0, 0.8, 0.05) prune over the first 80%
+    of any run and leave 20% to recover.
     """
 
     name = "prune"
 
     def __init__(self, sparsity: float = 0.5, scope: str = "global", schedule: str = "cubic",
-                 start_step: int = 0, end_step: int = 1000, frequency: int = 100,
+                 start_step: StepSpec = 0.0, end_step: StepSpec = 0.8, frequency: StepSpec = 0.05,
                  initial_sparsity: float = 0.0, from_checkpoint: Optional[str] = None) -> None:
         if schedule not in ("oneshot", "cubic"):
             raise ConfigError(f"compression.prune.schedule={schedule!r}; choose 'oneshot' or 'cubic'")
@@ -233,34 +287,71 @@ class MagnitudePruning(_GPTMaskTechnique):
             raise ConfigError(f"compression.prune.scope={scope!r}; choose 'global' or 'layer'")
         if not 0.0 <= initial_sparsity <= sparsity < 1.0:
             raise ConfigError("compression.prune needs 0 <= initial_sparsity <= sparsity < 1")
-        if start_step < 0:
-            raise ConfigError(f"compression.prune.start_step={start_step} must be >= 0")
-        if schedule == "cubic" and (end_step <= start_step or frequency < 1):
-            raise ConfigError("compression.prune.schedule=cubic needs end_step > start_step "
-                              "and frequency >= 1")
+        for key, value in (("start_step", start_step), ("end_step", end_step), ("frequency", frequency)):
+            _check_step_spec(value, f"compression.prune.{key}")
+        if schedule == "cubic" and isinstance(frequency, int) and frequency < 1:
+            raise ConfigError(f"compression.prune.frequency={frequency} must be >= 1 (steps between "
+                              "mask updates) or a fraction of trainer.max_steps")
+        if (schedule == "cubic" and type(start_step) is type(end_step) and end_step <= start_step):
+            raise ConfigError(f"compression.prune.schedule=cubic needs end_step > start_step, got "
+                              f"{start_step} and {end_step}")
         self.target, self.scope, self.schedule = sparsity, scope, schedule
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.initial = initial_sparsity
         self.from_checkpoint = from_checkpoint  # loaded by the build order before SURGERY
         self.current = 0.0  # the sparsity the masks were last set to (resume state)
+        self._resolved: Optional[Tuple[Optional[int], Tuple[int, int, int]]] = None
 
-    def target_at(self, step: int) -> Optional[float]:
+    # -- the schedule in steps ---------------------------------------------------------
+    def schedule_steps(self, max_steps: Optional[int]) -> Tuple[int, int, int]:
+        """``(start, end, frequency)`` in optimizer steps for a run of ``max_steps``
+        (ConfigError for a fraction without ``max_steps``, a position past the run, or a
+        cubic schedule whose end is not after its start). Pure."""
+        key = "compression.prune"
+        start = resolve_step(self.start_step, max_steps, f"{key}.start_step")
+        check_within(f"{key}.start_step", start, max_steps, "pruning would never happen")
         if self.schedule == "oneshot":
-            return self.target if step == self.start_step else None
-        return cubic_sparsity(step, self.target, self.start_step, self.end_step,
-                              self.frequency, self.initial)
+            return start, start, 1
+        end = resolve_step(self.end_step, max_steps, f"{key}.end_step")
+        check_within(f"{key}.end_step", end, max_steps, f"the run would stop before reaching "
+                     f"sparsity={self.target}")
+        freq = max(1, resolve_step(self.frequency, max_steps, f"{key}.frequency"))
+        if end <= start:
+            raise ConfigError(f"{key}.schedule=cubic needs end_step > start_step, but they resolve to "
+                              f"steps {start} and {end} of trainer.max_steps={max_steps}; use "
+                              f"schedule=oneshot to prune once (e.g. with trainer.max_steps=0)")
+        return start, end, freq
 
+    def _steps(self, max_steps: Optional[int]) -> Tuple[int, int, int]:
+        """:meth:`schedule_steps`, kept for the run's ``max_steps`` (None: the last one
+        resolved, else absolute steps only)."""
+        if self._resolved is None or (max_steps is not None and self._resolved[0] != max_steps):
+            self._resolved = (max_steps, self.schedule_steps(max_steps))
+        return self._resolved[1]
+
+    def validate(self, plan: Plan) -> None:
+        super().validate(plan)
+        if plan.max_steps is not None:  # None: fractions are resolved when applied
+            self.schedule_steps(plan.max_steps)
+
+    def target_at(self, step: int, max_steps: Optional[int] = None) -> Optional[float]:
+        start, end, freq = self._steps(max_steps)
+        if self.schedule == "oneshot":
+            return self.target if step == start else None
+        return cubic_sparsity(step, self.target, start, end, freq, self.initial)
+
+    # -- hooks -------------------------------------------------------------------------
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         install_masks(model)
         if not ctx.resuming:  # on a resume the masks are loaded with the weights
-            self._maybe_prune(model, 0)
+            self._maybe_prune(model, 0, ctx)
         return model
 
     def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
-        self._maybe_prune(model, info.step)
+        self._maybe_prune(model, info.step, ctx)
 
-    def _maybe_prune(self, model: nn.Module, step: int) -> None:
-        s = self.target_at(step)
+    def _maybe_prune(self, model: nn.Module, step: int, ctx: RunContext) -> None:
+        s = self.target_at(step, ctx.max_steps)
         if s is not None and s > 0:
             self.current = magnitude_prune(unwrap(model), s, self.scope)
 
@@ -271,34 +362,50 @@ class MagnitudePruning(_GPTMaskTechnique):
         self.current = float(state.get("current_sparsity", 0.0))
 
 
-class NMPruning(_GPTMaskTechnique):
+class NMPruning(_BlockMaskTechnique):
     """N:M (default 2:4) semi-structured masks, set from magnitudes at ``at_step``
-    (0: when applied) and fixed afterwards while training goes on.
+    (0: when applied; an int is optimizer steps, a float a fraction of
+    ``trainer.max_steps``) and fixed afterwards while training goes on.
 
     Trains and exports anywhere (a masked dense model); ``semi_structured=True``
     additionally exports a ``to_sparse_semi_structured`` copy on a capable CUDA GPU.
+    ``validate`` checks that ``m`` divides the input width of every block Linear.
     """
 
     name = "nm"
 
-    def __init__(self, n: int = 2, m: int = 4, at_step: int = 0,
+    def __init__(self, n: int = 2, m: int = 4, at_step: StepSpec = 0,
                  from_checkpoint: Optional[str] = None, semi_structured: bool = False) -> None:
         NMUnstructured(n, m)  # validates n, m
-        if at_step < 0:
-            raise ConfigError(f"compression.nm.at_step={at_step} must be >= 0 (0: when applied)")
+        _check_step_spec(at_step, "compression.nm.at_step")
         self.n, self.m, self.at_step = n, m, at_step
         self.from_checkpoint, self.semi_structured = from_checkpoint, semi_structured
         self.done = False
 
+    def validate(self, plan: Plan) -> None:
+        super().validate(plan)
+        check_nm_widths(plan, "compression.nm", self.m)
+        if plan.max_steps is not None:
+            step = resolve_step(self.at_step, plan.max_steps, "compression.nm.at_step")
+            check_within("compression.nm.at_step", step, plan.max_steps, "the masks would never be set")
+        if self.semi_structured and spec_family(getattr(plan, "model", None)) == "hf_gpt2":
+            raise ConfigError("compression.nm.semi_structured=true needs nn.Linear weights, and GPT-2's "
+                              "projections are transformers Conv1D; set it false (the masked dense "
+                              "model is exported as model_sparse.tfxs and hf_model/)")
+
+    def _at(self, ctx: RunContext) -> int:
+        return resolve_step(self.at_step, ctx.max_steps, "compression.nm.at_step")
+
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         install_masks(model)
-        if self.at_step == 0 and not ctx.resuming:  # on a resume the masks come with the weights
+        # on a resume the masks come with the weights
+        if not ctx.resuming and (self.at_step == 0 or self._at(ctx) == 0):
             nm_prune(model, self.n, self.m)
             self.done = True
         return model
 
     def after_optimizer_step(self, model: nn.Module, info: StepInfo, ctx: RunContext) -> None:
-        if not self.done and info.step >= self.at_step:
+        if not self.done and info.step >= self._at(ctx):
             nm_prune(unwrap(model), self.n, self.m)
             self.done = True
 
@@ -312,7 +419,6 @@ class NMPruning(_GPTMaskTechnique):
         metrics = super().export(model, out_dir, ctx)
         if self.semi_structured and torch.cuda.is_available():
             import copy
-            sparse = to_semi_structured(copy.deepcopy(unwrap(model)).half().cuda())
+            sparse = to_semi_structured(copy.deepcopy(strip_wrappers(model)).half().cuda())
             torch.save(sparse.state_dict(), f"{out_dir}/model_2to4.pt")
         return metrics
-

@@ -1,7 +1,10 @@
 """Post-training quantization and QAT through torchao's ``quantize_``.
 
-Only the block Linears are quantized (see ``block_linears``): the head shares its
-weight with the embedding, and quantizing one would untie them.
+Only the block Linears are quantized (see ``block_linears``: tfx's GPT, HF Llama's
+q/k/v/o and gate/up/down, HF GPT-2's c_attn/c_proj/c_fc): the head shares its weight
+with the embedding, and quantizing one would untie them. torchao swaps ``nn.Linear``
+only, so GPT-2's ``Conv1D`` projections (a Linear with a transposed weight) are first
+replaced by equal ``nn.Linear`` modules (:func:`tfx.compression._common.conv1d_to_linear`).
 
 Schemes (``quantize_model(model, scheme)``):
 
@@ -15,26 +18,44 @@ int4_weight_only   int4 groups (tinygemm / mslk kernels)        CUDA only in tor
 from __future__ import annotations
 
 import copy
+import math
 import os
+from functools import reduce
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from tfx.compression._common import unwrap
+from tfx.compression._common import block_linears, conv1d_to_linear, strip_wrappers
 from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
 from tfx.core.technique import Plan, Stage, Technique
-from tfx.model.anatomy import require_own_gpt
+from tfx.model.anatomy import require_anatomy, spec_block_linears, spec_family
 from tfx.model.size import count_params, state_dict_bytes
 
 SCHEMES = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
 QAT_SCHEMES = ("int8", "int8a_int4w")
 
 
-def _is_block_linear(mod: nn.Module, fqn: str) -> bool:
-    return isinstance(mod, nn.Linear) and fqn.startswith("layers.")
+def _block_filter(model: nn.Module):
+    """A torchao ``filter_fn`` that selects the current block Linears of ``model``."""
+    targets = {id(m) for _, m in block_linears(model) if isinstance(m, nn.Linear)}
+    return lambda mod, fqn: id(mod) in targets
+
+
+def check_group_size(plan: Plan, option: str, group_size: int) -> None:
+    """Refuse, in ``validate``, a quantization group that does not divide the input
+    width of every block Linear of the model ``plan.model`` builds."""
+    shapes = spec_block_linears(getattr(plan, "model", None)) or []
+    for name, fan_in, _ in shapes:
+        if fan_in % group_size:
+            widths = sorted({i for _, i, _ in shapes})
+            raise ConfigError(f"{option}.group_size={group_size} does not divide in_features={fan_in} "
+                              f"of {name} ({spec_family(plan.model)}); weights are quantized in groups "
+                              f"of group_size consecutive inputs, so it must divide every block "
+                              f"Linear's input width ({widths}): choose a divisor of "
+                              f"{reduce(math.gcd, widths)}")
 
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -63,14 +84,16 @@ def check_supported(scheme: str, device_type: str) -> None:
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
-    """Quantize ``model``'s block Linears in place with torchao; returns the model."""
+    """Quantize ``model``'s block Linears in place with torchao; returns the model.
+    GPT-2's ``Conv1D`` projections become equal ``nn.Linear`` modules first."""
     from torchao.quantization import quantize_
 
     config = ptq_config(scheme, group_size)
     device_type = next(model.parameters()).device.type
     check_supported(scheme, device_type)
+    conv1d_to_linear(model)
     try:
-        quantize_(model, config, filter_fn=_is_block_linear)
+        quantize_(model, config, filter_fn=_block_filter(model))
     except (ImportError, NotImplementedError, RuntimeError) as err:
         raise TfxError(f"torchao cannot apply {scheme} on {device_type}: {err}") from err
     return model
@@ -86,8 +109,10 @@ def save_quantized(model: nn.Module, path) -> int:
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deepcopy of the unwrapped model with pruning masks folded in."""
-    return make_permanent(copy.deepcopy(unwrap(model))).eval()
+    """A deepcopy of the model as the build order builds it (DDP / compile wrappers
+    removed, tfx's HF wrapper kept: exported keys then fit a freshly built model) with
+    pruning masks folded in."""
+    return make_permanent(copy.deepcopy(strip_wrappers(model))).eval()
 
 
 class PostTrainingQuant(Technique):
@@ -109,8 +134,10 @@ class PostTrainingQuant(Technique):
         self.scheme, self.group_size = scheme, group_size
 
     def validate(self, plan: Plan) -> None:
-        require_own_gpt(plan, "compression=ptq", "quantizes the block Linears")
+        require_anatomy(plan, "compression=ptq")
         check_supported(self.scheme, plan.device_type)
+        if self.scheme == "int4_weight_only":
+            check_group_size(plan, "compression.ptq", self.group_size)
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         q = quantize_model(_plain_copy(model), self.scheme, self.group_size)
@@ -153,7 +180,7 @@ def prepare_qat(model: nn.Module, scheme: str = "int8", group_size: int = 32) ->
     from torchao.quantization import quantize_
 
     prepare, _, _ = qat_config(scheme, group_size)
-    quantize_(model, prepare, filter_fn=_is_block_linear)
+    quantize_(model, prepare, filter_fn=_block_filter(model))
     return model
 
 
@@ -162,9 +189,9 @@ def convert_qat(model: nn.Module, scheme: str = "int8", group_size: int = 32) ->
     from torchao.quantization import quantize_
 
     _, convert, ptq = qat_config(scheme, group_size)
-    quantize_(model, convert, filter_fn=_is_block_linear)
+    quantize_(model, convert, filter_fn=_block_filter(model))
     if ptq is not None:
-        quantize_(model, ptq, filter_fn=_is_block_linear)
+        quantize_(model, ptq, filter_fn=_block_filter(model))
     return model
 
 
@@ -172,8 +199,12 @@ class QAT(Technique):
     """Fake-quantize the block Linears during training (SURGERY, before the optimizer);
     export converts a copy to the real quantized model, ``model_qat_<scheme>.pt``.
 
-    The usual recipe is ``from_checkpoint: <trained run>`` and a short fine-tune;
-    without it the model trains with fake quantization from scratch.
+    The usual recipe is ``from_checkpoint: <trained run>`` (or a pretrained HF model)
+    and a short fine-tune; without either the model trains with fake quantization from
+    scratch. ``FakeQuantizedLinear`` keeps the Linear's state-dict keys, so an HF Llama's
+    ``hf_model/`` holds the trained float weights. Refused on GPT-2 (``validate``):
+    torchao swaps ``nn.Linear`` only, and turning its ``Conv1D`` into Linears would change
+    the trained model's parameter layout for good.
     """
 
     name = "qat"
@@ -190,13 +221,20 @@ class QAT(Technique):
         self.scheme, self.group_size, self.from_checkpoint = scheme, group_size, from_checkpoint
 
     def validate(self, plan: Plan) -> None:
-        require_own_gpt(plan, "compression=qat", "fake-quantizes the block Linears")
+        if require_anatomy(plan, "compression=qat") == "hf_gpt2":
+            raise ConfigError("compression=qat swaps nn.Linear layers for torchao's fake-quantized "
+                              "ones, and GPT-2's projections are transformers Conv1D (weight stored "
+                              "[in, out]); turning them into Linears would change the trained model's "
+                              "parameter layout, so it could not be saved for transformers again. On "
+                              "GPT-2 use compression=ptq (a converted copy at export) or gptq")
+        if self.scheme == "int8a_int4w":
+            check_group_size(plan, "compression.qat", self.group_size)
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return prepare_qat(model, self.scheme, self.group_size)
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        fq = copy.deepcopy(unwrap(model)).eval()
+        fq = copy.deepcopy(strip_wrappers(model)).eval()
         q = convert_qat(fq, self.scheme, self.group_size)
         size = save_quantized(q, os.path.join(out_dir, f"model_qat_{self.scheme}.pt"))
         return {f"qat/{self.scheme}/bytes": size, "qat/params": count_params(model)}

@@ -15,13 +15,19 @@ HF GPT-2 (``hf_gpt2``, fused ``c_attn`` Conv1D). The references are llm-compress
 a handful of attribute paths, not branches in every technique.
 
 Head counts are read from the projection shapes (not the config), so they stay
-right after head pruning; names are fully qualified relative to the unwrapped model.
+right after head pruning, low-rank factorization (``Sequential`` of Linears) and
+GPT-2's ``Conv1D``; names are fully qualified relative to the unwrapped model. After
+projections are resized, :meth:`Anatomy.refresh_layer` updates a layer's own size
+attributes and :meth:`Anatomy.sync_config` the model's HF config where one config can
+describe the result. :func:`spec_block_linears` gives the block Linears' widths of the
+model a ``model`` group spec builds, from a weightless (meta-device) copy, for
+``validate`` checks; :func:`require_anatomy` refuses a spec with no family.
 A tensor-parallel plan is not here yet (``tp_plan`` is left for the TP technique).
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -82,13 +88,35 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _is_linear_like(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    # transformers' Conv1D (GPT-2) is a Linear with a transposed weight; only look it
-    # up if transformers is already loaded, so tfx-only runs never import it.
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``(in, out)``,
+    i.e. a Linear with a transposed weight. Looked up only if transformers is already
+    loaded, so tfx-only runs never import it."""
     pt = sys.modules.get("transformers.pytorch_utils")
     return pt is not None and isinstance(m, pt.Conv1D)
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def out_features(m: nn.Module) -> int:
+    """Output width of a Linear, a GPT-2 ``Conv1D`` (``nf``), or a chain of them
+    (low-rank's ``Sequential(Linear(in, r), Linear(r, out))``: its last module's)."""
+    if isinstance(m, nn.Sequential):
+        return out_features(m[-1])
+    if is_conv1d(m):
+        return int(m.nf)
+    return int(m.out_features)
+
+
+def in_features(m: nn.Module) -> int:
+    """Input width of a Linear, a GPT-2 ``Conv1D`` or a chain of them (its first module's)."""
+    if isinstance(m, nn.Sequential):
+        return in_features(m[0])
+    if is_conv1d(m):
+        return int(m.weight.shape[0])
+    return int(m.in_features)
 
 
 class Anatomy:
@@ -120,6 +148,18 @@ class Anatomy:
     def logits_and_hidden(self, model: nn.Module, input_ids: torch.Tensor):
         """``(logits (B, T, V), final hidden state (B, T, d) after the final norm)``."""
         raise NotImplementedError
+
+    def refresh_layer(self, layer: nn.Module) -> None:
+        """Update a layer's own size attributes after its projections were resized
+        (structured pruning, reloading a pruned state dict). Families whose forward
+        reads every size from the weights (``view(..., -1, head_dim)``) need nothing."""
+
+    def sync_config(self, model: nn.Module) -> Optional[str]:
+        """Write the projections' current sizes (heads, KV heads, MLP width) into the
+        model's own config, so it describes the weights again (``save_pretrained`` and
+        ``from_pretrained`` then round-trip). Returns None when the config now fits,
+        else why no config of this family can describe them (e.g. layers differ)."""
+        return None
 
     # -- shared --------------------------------------------------------------------
     def _container(self, model: nn.Module) -> nn.Module:
@@ -172,9 +212,9 @@ class GPTAnatomy(Anatomy):
 
     def attention(self, layer):
         a = layer.attn
-        n_heads = a.q_proj.out_features // a.head_dim
+        n_heads = out_features(a.q_proj) // a.head_dim
         return AttnParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj, n_heads=n_heads,
-                         n_kv_heads=a.k_proj.out_features // a.head_dim, head_dim=a.head_dim)
+                         n_kv_heads=out_features(a.k_proj) // a.head_dim, head_dim=a.head_dim)
 
     def mlp(self, layer):
         return MLPParts(up=layer.mlp.fc, gate=None, down=layer.mlp.proj)
@@ -224,14 +264,31 @@ class LlamaAnatomy(_HFAnatomy):
         a = layer.self_attn
         head_dim = a.head_dim
         return AttnParts(q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
-                         n_heads=a.q_proj.out_features // head_dim,
-                         n_kv_heads=a.k_proj.out_features // head_dim, head_dim=head_dim)
+                         n_heads=out_features(a.q_proj) // head_dim,
+                         n_kv_heads=out_features(a.k_proj) // head_dim, head_dim=head_dim)
 
     def mlp(self, layer):
         return MLPParts(up=layer.mlp.up_proj, gate=layer.mlp.gate_proj, down=layer.mlp.down_proj)
 
     def embeddings(self, model):
         return Embeddings(token=unwrap(model).model.embed_tokens, position=None)
+
+    def sync_config(self, model):
+        """``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` from
+        the projections; ``head_dim`` is written out so it no longer derives from
+        ``hidden_size / num_attention_heads``. One value per field for the whole model:
+        a Llama config cannot give layers different sizes."""
+        inner = unwrap(model)
+        sizes = {(a.n_heads, a.n_kv_heads, out_features(self.mlp(layer).up))
+                 for layer in self.decoder_layers(inner) for a in [self.attention(layer)]}
+        if len(sizes) != 1:
+            return ("its decoder layers now differ in (heads, KV heads, MLP width): "
+                    f"{sorted(sizes)}, which a Llama config cannot express")
+        heads, kv, width = sizes.pop()
+        cfg = inner.config
+        cfg.head_dim = self.attention(self.decoder_layers(inner)[0]).head_dim
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = heads, kv, width
+        return None
 
     def final_norm(self, model):
         return unwrap(model).model.norm
@@ -249,7 +306,7 @@ class GPT2Anatomy(_HFAnatomy):
     def attention(self, layer):
         a = layer.attn
         # c_attn is Conv1D(3d, d): weight (d, 3d), out features in ``nf``
-        n_heads = a.c_attn.nf // 3 // a.head_dim
+        n_heads = out_features(a.c_attn) // 3 // a.head_dim
         return AttnParts(q=None, k=None, v=None, o=a.c_proj, n_heads=n_heads,
                          n_kv_heads=n_heads, head_dim=a.head_dim, qkv=a.c_attn)
 
@@ -259,6 +316,30 @@ class GPT2Anatomy(_HFAnatomy):
     def embeddings(self, model):
         t = unwrap(model).transformer
         return Embeddings(token=t.wte, position=t.wpe)
+
+    def refresh_layer(self, layer):
+        """GPT-2 splits ``c_attn``'s output into q, k, v by ``split_size`` (the attention
+        width), so it follows the fused projection's width; views use ``-1`` heads."""
+        a = layer.attn
+        a.split_size = out_features(a.c_attn) // 3
+        a.num_heads = a.split_size // a.head_dim
+
+    def sync_config(self, model):
+        """Only ``n_inner`` (the MLP width) can change: GPT-2's config derives the head
+        width from ``n_embd / n_head``, so fewer heads with the same ``n_embd`` has no
+        config."""
+        inner = unwrap(model)
+        cfg, layers = inner.config, self.decoder_layers(inner)
+        heads = {self.attention(layer).n_heads for layer in layers}
+        widths = {out_features(self.mlp(layer).up) for layer in layers}
+        if heads != {cfg.n_head}:
+            return (f"attention heads were removed ({sorted(heads)} per layer of {cfg.n_head}), and "
+                    "a GPT-2 config ties the head width to n_embd / n_head")
+        if len(widths) != 1:
+            return f"its decoder layers now differ in MLP width ({sorted(widths)})"
+        width = widths.pop()
+        cfg.n_inner = None if width == 4 * cfg.n_embd else width
+        return None
 
     def final_norm(self, model):
         return unwrap(model).transformer.ln_f
@@ -285,7 +366,48 @@ def require_own_gpt(plan, option: str, why: str) -> None:
     family = spec_family(getattr(plan, "model", None))
     if family is not None and family != GPTAnatomy.family:
         raise ConfigError(f"{option} {why} of tfx's own GPT only; {family} models are not "
-                          f"supported yet (compression=wanda, sparsegpt and gptq work on them)")
+                          f"supported yet (compression=prune, nm, structured, ptq, qat, lowrank, "
+                          f"wanda, sparsegpt and gptq work on them)")
+
+
+def require_anatomy(plan, option: str) -> Optional[str]:
+    """Refuse, in ``validate``, a model spec whose family tfx has no anatomy for (the
+    technique would find no decoder layer); returns the family (None: no spec)."""
+    spec = getattr(plan, "model", None)
+    if spec is None:
+        return None
+    family = spec_family(spec)
+    if family is None:
+        names = ", ".join(f.family for f in FAMILIES)
+        raise ConfigError(f"{option} finds the decoder layers through a model anatomy, and "
+                          f"{spec!r} has none (known families: {names}); add one in "
+                          f"tfx/model/anatomy.py")
+    return family
+
+
+def spec_block_linears(spec) -> Optional[list[tuple[str, int, int]]]:
+    """``(qualified name, in_features, out_features)`` of the block Linears (see
+    :meth:`Anatomy.block_linears`) of the model a ``model`` group spec builds, known
+    before any weight exists: the model is built on the meta device (no memory, no
+    init). For ``validate`` checks of widths (N:M groups, quantization groups). None if
+    the spec is unknown or cannot be built that way."""
+    if spec is None:
+        return None
+    try:
+        with torch.device("meta"):
+            if isinstance(spec, GPTConfig):
+                model = GPT(replace(spec, vocab_size=spec.vocab_size or 8,
+                                    block_size=spec.block_size or 8))
+            elif getattr(spec, "config", None) is not None and is_hf_spec(spec):
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_config(spec.config)
+            else:
+                return None
+        anatomy = anatomy_of(model)
+    except (ConfigError, ValueError, TypeError, ImportError):
+        return None
+    return [(name, in_features(m), out_features(m)) for name, m in anatomy.block_linears(model)]
 
 
 def spec_family(spec) -> Optional[str]:
@@ -306,4 +428,5 @@ def is_hf_spec(spec) -> bool:
 
 
 __all__ = ["AttnParts", "MLPParts", "Embeddings", "Anatomy", "anatomy_of", "unwrap", "FAMILIES",
-           "spec_family", "is_hf_spec"]
+           "spec_family", "is_hf_spec", "is_conv1d", "in_features", "out_features", "require_anatomy",
+           "spec_block_linears"]
