@@ -455,3 +455,28 @@ def test_hf_model_through_the_build(tmp_path):
     sd = load_gptq(tmp_path / "run" / "model_gptq.pt")
     for name, w in weights(model).items():
         assert torch.equal(sd[f"lm.{name}.weight"], w)
+
+
+def test_hf_export_folds_oneshot_masks(tmp_path):
+    """Wanda's masks are folded at export: hf_model/ is a plain save_pretrained folder
+    with the zeros in place and the trained run's logits."""
+    pytest.importorskip("transformers")
+    hf_utils = pytest.importorskip("hf_utils")
+    from transformers import AutoModelForCausalLM
+
+    from tfx.ckpt import load_run
+    from tfx.config import model_spec, use_model_tokenizer
+    from tfx.data import prepare_data
+
+    folder = hf_utils.save_tiny_llama(tmp_path / "tiny-llama")
+    cfg = hf_utils.hf_cfg(folder, "compression=wanda", "trainer.max_steps=1", "compression.wanda.sparsity=0.5")
+    use_model_tokenizer(cfg, model_spec(cfg))
+    summary = run_train(cfg, tmp_path / "run", data=prepare_data(cfg.data))
+    assert "hf_model_skipped" not in summary
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_model").eval()
+    q = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert abs((q == 0).float().mean().item() - 0.5) < 0.02
+    model, _ = load_run(tmp_path / "run")
+    x = torch.randint(0, reloaded.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model.eval()(x), atol=1e-5, rtol=1e-5)

@@ -48,7 +48,7 @@ from tfx.compression.oneshot.sparsegpt import SparseGPTCompressor
 from tfx.compression.oneshot.stats import in_features, set_weight_matrix, weight_matrix
 from tfx.compression.oneshot.storage import encode_on_grid, save_gptq
 from tfx.compression.oneshot.wanda import WandaCompressor, check_structure, mask_from_scores
-from tfx.compression.prune import _MaskTechnique, _refresh, install_masks
+from tfx.compression.prune import _MaskTechnique, _refresh, install_masks, make_permanent
 from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError
@@ -252,11 +252,18 @@ class _OneShotPruning(_OneShot, _MaskTechnique):
         self.report = dict(state.get("report", {}))
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
-        info = save_sparse(saved_model(model), Path(out_dir) / "model_sparse.tfxs")
-        return {f"{self.name}/sparsity": target_sparsity(oneshot_targets(model)),
-                f"{self.name}/sparse_bytes": info["bytes"],
-                f"{self.name}/dense_bytes": info["dense_bytes"],
-                f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
+        """``model_sparse.tfxs``, then the masks are folded into the weights (as
+        magnitude pruning's export does): the last checkpoint, masks included, is
+        written, so an HF model's ``hf_model/`` becomes a plain ``save_pretrained``
+        folder with the zeros in place."""
+        plain = saved_model(model)
+        info = save_sparse(plain, Path(out_dir) / "model_sparse.tfxs")
+        metrics = {f"{self.name}/sparsity": target_sparsity(oneshot_targets(model)),
+                   f"{self.name}/sparse_bytes": info["bytes"],
+                   f"{self.name}/dense_bytes": info["dense_bytes"],
+                   f"{self.name}/size_ratio": info["bytes"] / info["dense_bytes"]}
+        make_permanent(plain)
+        return metrics
 
 
 class Wanda(_OneShotPruning):
