@@ -22,7 +22,7 @@ attributes and :meth:`Anatomy.sync_config` the model's HF config where one confi
 describe the result. :func:`spec_block_linears` gives the block Linears' widths of the
 model a ``model`` group spec builds, from a weightless (meta-device) copy, for
 ``validate`` checks; :func:`require_anatomy` refuses a spec with no family.
-A tensor-parallel plan is not here yet (``tp_plan`` is left for the TP technique).
+Tensor-parallel plans live with the TP technique (:func:`tfx.parallel.tp.hf_llama_plan`).
 """
 from __future__ import annotations
 
