@@ -6,7 +6,6 @@ traceback, and exit with status 2.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -19,7 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from tfx.core import ConfigError, TfxError
-from tfx.eval_run import evaluate_pretrained, evaluate_run
+from tfx.eval_run import (check_args, check_run, eval_json_path, evaluate_pretrained, evaluate_run,
+                          format_summary)
 from tfx.log.console import tee_to
 from tfx.launch import WorkerFailed, launch, needs_launch, rank0_run_dir
 from tfx.train.run import print_summary, train
@@ -124,26 +124,136 @@ def train_job(cfg: DictConfig) -> float:
     return float(summary["val_loss"])
 
 
-def evaluate_job(cfg: DictConfig) -> Dict[str, Any]:
-    """``run=<dir>``: a trained run (eval.json in the run); ``model=<name>`` without a
-    run: a pretrained model as it is, on ``data=...`` (eval.json in Hydra's output dir)."""
-    kwargs = dict(batch_size=cfg.batch_size, device=cfg.device, max_batches=cfg.max_batches,
-                  speed_batches=cfg.speed_batches, splits=list(cfg.splits))
-    run, model = cfg.get("run"), cfg.get("model")
-    try:
-        if run and model:
-            raise ConfigError("give run=<run directory> or model=<pretrained model>, not both "
-                              "(a run evaluates the model it trained)")
-        if run:
-            result = evaluate_run(run, **kwargs)
-        elif model:
-            from hydra.core.hydra_config import HydraConfig
+#: evaluate.py's keys (conf/evaluate.yaml) besides the model and data groups
+EVALUATE_KEYS = ("run", "out", "batch_size", "speed_batches", "max_batches", "device", "splits", "progress")
 
-            result = evaluate_pretrained(cfg, HydraConfig.get().runtime.output_dir, **kwargs)
-        else:
-            raise ConfigError("nothing to evaluate: give run=<run directory or checkpoint> or "
-                              "model=<pretrained model>, e.g. model=smollm2")
+
+def _hydra_error(err: Exception) -> ConfigError:
+    """A Hydra composition error (several lines, a hint, a search path) as one line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    options = getattr(err, "options", None)
+    if options:
+        text += f"; choose one of {sorted(options)}"
+    return ConfigError(text)
+
+
+def check_evaluate_config(cfg: DictConfig, overrides=()) -> None:
+    """What evaluate.py is asked to do, checked before anything is loaded or written:
+    evaluate.py's own keys (:func:`tfx.eval_run.check_args`), run= or model= (one of
+    them), a run that holds a checkpoint, data=... only with model=, no unknown keys."""
+    unknown = sorted(k for k in cfg if k not in EVALUATE_KEYS + ("model", "data", "hydra"))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; evaluate.py takes {list(EVALUATE_KEYS)} and the "
+                          f"model/data groups")
+    run, model = cfg.get("run"), cfg.get("model")
+    check_args(cfg.get("batch_size"), cfg.get("device"), cfg.get("max_batches"),
+               cfg.get("speed_batches"), cfg.get("splits"), cfg.get("out"), cfg.get("progress"))
+    if run and model:
+        raise ConfigError("give run=<run directory> or model=<pretrained model>, not both "
+                          "(a run evaluates the model it trained)")
+    if run:
+        check_run(run)
+        data = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "data"]
+        if data:
+            raise ConfigError(f"{data[0]} does not apply to run=: a run is measured on the data it "
+                              f"trained on (its checkpoint's config); drop it, or use model=... instead")
+    elif not model:
+        raise ConfigError("nothing to evaluate: give run=<run directory or checkpoint> or "
+                          "model=<pretrained model>, e.g. model=smollm2")
+
+
+def _writable(directory: Path, what: str, fix: str, create: bool) -> None:
+    """``directory`` can take a file (``create``: make it now; otherwise check its
+    nearest existing ancestor, leaving nothing behind): else one line, ``what`` and ``fix``."""
+    directory = Path(directory).expanduser()
+    probe = directory
+    if not create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write {what}{directory} ({err.strerror or type(err).__name__}); "
+                          f"{fix}") from err
+
+
+def _check_eval_json_dir(directory: Path, run, out, create: bool) -> None:
+    if out:
+        _writable(directory, "to out=", "set out to a writable directory", create)
+    elif run:
+        _writable(directory, "eval.json into the run directory ", "pass out=<writable directory>", create)
+    else:
+        _writable(directory, "to the output directory ", "set hydra.run.dir or out to a writable "
+                  "directory", create)
+
+
+def evaluate_preflight(args, conf_dir) -> None:
+    """evaluate.py's command line, checked before Hydra starts (and writes its output
+    directory): overrides that do not parse or compose, bad values, a missing run, an
+    output directory that cannot be written. Each ends in one ``error:`` line, exit 2,
+    with nothing written. Flags (``-m``, ``--cfg ...``) leave it all to Hydra and to
+    :func:`evaluate_job`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        check_group_overrides(args, conf_dir)
+        parser = OverridesParser.create()
+        for arg in args:
+            try:
+                parser.parse_override(arg)
+            except HydraException as err:
+                raise ConfigError(f"cannot parse the override {arg!r}: {_hydra_error(err)}") from None
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+                cfg = compose("evaluate", overrides=list(args), return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise _hydra_error(err) from None
+        hydra_dir = cfg.hydra.run.dir
+        with open_dict(cfg):
+            del cfg["hydra"]
+        check_evaluate_config(cfg, args)
+        run, out = cfg.get("run"), cfg.get("out")
+        _check_eval_json_dir(eval_json_path(run, out, hydra_dir).parent, run, out, create=False)
+        _writable(Path(hydra_dir), "to the output directory ", "set hydra.run.dir to a writable "
+                  "directory", create=False)
     except TfxError as err:
         fail(err)
-    print(json.dumps(result, indent=2))
+
+
+def evaluate_job(cfg: DictConfig) -> Dict[str, Any]:
+    """``run=<dir>``: a trained run (eval.json in the run, or ``out``); ``model=<name>``
+    without a run: a pretrained model as it is, on ``data=...`` (eval.json in Hydra's
+    output dir, or ``out``). Prints a progress bar (stderr, on a terminal) and a summary."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_dir = HydraConfig.get().runtime.output_dir
+    kwargs = dict(batch_size=cfg.get("batch_size"), device=cfg.get("device"),
+                  max_batches=cfg.get("max_batches"), speed_batches=cfg.get("speed_batches"),
+                  splits=cfg.get("splits"), progress=cfg.get("progress", True))
+    try:
+        check_evaluate_config(cfg, HydraConfig.get().overrides.task)
+        kwargs["splits"] = list(kwargs["splits"])
+        run, out = cfg.get("run"), cfg.get("out")
+        path = eval_json_path(run, out, hydra_dir)
+        _check_eval_json_dir(path.parent, run, out, create=True)
+        if run:
+            result = evaluate_run(run, out=out, **kwargs)
+        else:
+            result = evaluate_pretrained(cfg, path.parent, **kwargs)
+    except TfxError as err:
+        fail(err)
+    print(format_summary(result, path))
     return result

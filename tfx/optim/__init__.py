@@ -7,7 +7,7 @@ factory can split parameters however its method needs (see :mod:`tfx.optim.muon`
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Any, Iterable, List
 
 import torch
 from torch import nn
@@ -17,11 +17,32 @@ from tfx.core import ConfigError
 DECAYS = ("cosine", "linear", "constant")
 
 
-def _check(name: str, lr: float, weight_decay: float) -> None:
-    if not 0 < lr < math.inf:
-        raise ConfigError(f"optim.lr={lr} must be > 0 (and finite)")
-    if not 0 <= weight_decay < math.inf:
-        raise ConfigError(f"optim.weight_decay={weight_decay} must be >= 0 (and finite)")
+def check_range(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = True, integer: bool = False, group: str = "optim") -> None:
+    """Refuse, in one line naming ``<group>.<key>`` and the allowed range, a value that
+    is not a number (a bool or a string included), not finite (NaN, inf), not an
+    integer where one is needed, or outside ``[low, high)`` (``low_open``/``high_open``
+    make either end open)."""
+    if high == math.inf:
+        where = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    allowed = (f"an integer {where}" if integer else f"{where} and finite" if high == math.inf
+               else f"a number {where}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (not integer or isinstance(value, int))
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{group}.{key}={value!r} must be {allowed}")
+
+
+def check_betas(key: str, betas: Any) -> tuple:
+    """Adam's ``(beta1, beta2)``: two finite numbers in [0, 1)."""
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.{key}={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    return tuple(float(b) for b in betas)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -39,19 +60,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 def adamw(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.95), eps: float = 1e-8,
           weight_decay: float = 0.1) -> torch.optim.AdamW:
-    _check("adamw", lr, weight_decay)
-    betas = tuple(betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
-    if not 0 < eps < math.inf:
-        raise ConfigError(f"optim.eps={eps} must be > 0 (and finite)")
+    check_range("lr", lr, 0, low_open=True)
+    betas = check_betas("betas", betas)
+    check_range("eps", eps, 0, low_open=True)
+    check_range("weight_decay", weight_decay, 0)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
 def sgd(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.SGD:
-    _check("sgd", lr, weight_decay)
-    if not 0 <= momentum < 1:
-        raise ConfigError(f"optim.momentum={momentum} must be in [0, 1)")
+    check_range("lr", lr, 0, low_open=True)
+    check_range("momentum", momentum, 0, 1)
+    check_range("weight_decay", weight_decay, 0)
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
 
 

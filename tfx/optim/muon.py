@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from tfx.core import ConfigError
+from tfx.optim import check_betas, check_range
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 HEAD_NAMES = ("head", "lm_head", "output")
@@ -196,25 +197,21 @@ def muon(model: nn.Module, lr: float = 8e-3, momentum: float = 0.95, nesterov: b
          adamw_lr: Optional[float] = None, adamw_betas: Iterable[float] = (0.9, 0.95),
          adamw_eps: float = 1e-8, adamw_weight_decay: Optional[float] = None) -> MuonAdamW:
     """Muon on the hidden matrices, AdamW on the rest (``conf/optim/muon.yaml``)."""
+    check_range("lr", lr, 0, low_open=True)
+    check_range("weight_decay", weight_decay, 0)
+    for key, value in (("adamw_lr", adamw_lr), ("adamw_weight_decay", adamw_weight_decay)):
+        if value is not None:  # null: the Muon part's value
+            check_range(key, value, 0, low_open=key == "adamw_lr")
     adamw_lr = lr if adamw_lr is None else adamw_lr
     adamw_weight_decay = weight_decay if adamw_weight_decay is None else adamw_weight_decay
-    for key, value in (("lr", lr), ("adamw_lr", adamw_lr)):
-        if not value > 0:
-            raise ConfigError(f"optim.{key}={value} must be > 0")
-    for key, value in (("weight_decay", weight_decay), ("adamw_weight_decay", adamw_weight_decay)):
-        if not value >= 0:  # NaN too
-            raise ConfigError(f"optim.{key}={value} must be >= 0")
-    if not 0 <= momentum < 1:
-        raise ConfigError(f"optim.momentum={momentum} must be in [0, 1)")
-    if not 1 <= ns_steps < 100:
-        raise ConfigError(f"optim.ns_steps={ns_steps} must be in [1, 100)")
+    check_range("momentum", momentum, 0, 1)
+    check_range("ns_steps", ns_steps, 1, 100, integer=True)
+    if not isinstance(nesterov, bool):
+        raise ConfigError(f"optim.nesterov={nesterov!r} must be true or false")
     if adjust_lr_fn not in ADJUST_LR_FNS:
         raise ConfigError(f"optim.adjust_lr_fn={adjust_lr_fn!r}; choose one of {list(ADJUST_LR_FNS)}")
-    betas = tuple(adamw_betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"optim.adamw_betas={list(betas)} must be two numbers in [0, 1)")
-    if not adamw_eps > 0:
-        raise ConfigError(f"optim.adamw_eps={adamw_eps} must be > 0")
+    betas = check_betas("adamw_betas", adamw_betas)
+    check_range("adamw_eps", adamw_eps, 0, low_open=True)
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise ConfigError("optim=muon needs whole matrices for Newton-Schulz; sharded parameters "
                           "(parallel=fsdp/tp/fsdp_tp) are not supported: use parallel=ddp or single")

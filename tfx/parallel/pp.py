@@ -37,6 +37,10 @@ from tfx.core.loss import IGNORE_INDEX, ce_sum
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def split_layers(keys: List[str], n_stages: int) -> List[List[str]]:
     """Contiguous, as even as possible (earlier stages take the remainder)."""
     if len(keys) < n_stages:
@@ -80,11 +84,12 @@ class PipelineParallel(ParallelTechnique):
         super().__init__(nproc_per_node)
         if schedule not in SCHEDULES:
             raise ConfigError(f"parallel.schedule={schedule!r}; choose one of {list(SCHEDULES)}")
-        if n_microbatches < 1:
-            raise ConfigError(f"parallel.n_microbatches={n_microbatches} must be >= 1")
-        if stages_per_rank is not None and stages_per_rank < 1:
-            raise ConfigError(f"parallel.stages_per_rank={stages_per_rank} must be >= 1 (null: 1, "
-                              f"2 for interleaved_1f1b)")
+        if not _is_int(n_microbatches) or n_microbatches < 1:
+            raise ConfigError(f"parallel.n_microbatches={n_microbatches!r} must be an integer >= 1 "
+                              f"that divides trainer.batch_size")
+        if stages_per_rank is not None and (not _is_int(stages_per_rank) or stages_per_rank < 1):
+            raise ConfigError(f"parallel.stages_per_rank={stages_per_rank!r} must be an integer >= 1 "
+                              f"(null: 1, 2 for interleaved_1f1b)")
         self.schedule_name, self.n_microbatches = schedule, n_microbatches
         self.stages_per_rank = stages_per_rank or (2 if schedule == "interleaved_1f1b" else 1)
         if self.stages_per_rank > 1 and schedule != "interleaved_1f1b":
@@ -95,12 +100,42 @@ class PipelineParallel(ParallelTechnique):
         super().validate(plan)
         family = spec_family(plan.model)
         if plan.model is not None and family != "tfx_gpt":
-            raise ConfigError(f"parallel=pp splits tfx's own GPT only (stage views over its "
-                              f"layers); {family or type(plan.model).__name__} models are not "
-                              f"supported yet: use parallel=fsdp or parallel=ddp")
+            tp = ", or parallel=tp" if family == "hf_llama" else ""
+            raise ConfigError(f"parallel=pp splits tfx's own GPT only (its stages are views over the "
+                              f"GPT's layers; a transformers model runs all its layers in one forward "
+                              f"call); {family or type(plan.model).__name__} models are not "
+                              f"supported: use parallel=fsdp or parallel=ddp{tp}")
         others = [t.key for t in plan.techniques if t.stage in (Stage.TENSOR, Stage.DATA_PARALLEL)]
         if others:
             raise ConfigError(f"parallel=pp does not combine with {others} yet; use one of them alone")
+        self._validate_stages(plan)
+
+    def _validate_stages(self, plan) -> None:
+        """What torch's schedules and :func:`split_layers` would refuse only once the
+        model is built: micro-batches that do not split the batch, fewer micro-batches
+        than stages (1F1B), an interleaved count torch cannot split into rounds, more
+        stages than layers."""
+        n, pp = self.n_microbatches, plan.world_size
+        n_stages = pp * self.stages_per_rank
+        batch = getattr(plan, "batch_size", None)  # trainer.batch_size: sequences per micro-step
+        if batch is not None and batch % n:
+            raise ConfigError(f"parallel.n_microbatches={n} must divide trainer.batch_size={batch} "
+                              f"(each micro-step's batch is split into n_microbatches); choose a "
+                              f"divisor of {batch} or change trainer.batch_size")
+        if self.schedule_name == "1f1b" and n < n_stages:
+            raise ConfigError(f"parallel.n_microbatches={n} must be >= the {n_stages} pipeline stages "
+                              f"for schedule=1f1b (torch's Schedule1F1B); raise it or use schedule=gpipe")
+        rounds = max(1, n // pp)
+        if self.schedule_name == "interleaved_1f1b" and n % rounds:
+            raise ConfigError(f"parallel.n_microbatches={n} does not fit schedule=interleaved_1f1b on "
+                              f"{pp} ranks: torch runs n_microbatches // {pp} = {rounds} rounds and needs "
+                              f"n_microbatches to be a multiple of that; use a multiple of {pp} (e.g. "
+                              f"{rounds * pp}) or fewer than {pp}")
+        n_layer = getattr(plan.model, "n_layer", None)  # tfx's GPT spec (GPTConfig)
+        if isinstance(n_layer, int) and n_layer < n_stages:
+            raise ConfigError(f"{n_stages} pipeline stages ({pp} ranks x stages_per_rank="
+                              f"{self.stages_per_rank}) need model.n_layer >= {n_stages}, got {n_layer}; "
+                              f"raise model.n_layer or lower stages_per_rank / the number of ranks")
 
     def device_mesh(self, ctx: RunContext):
         return init_device_mesh(ctx.device_type, (ctx.world_size,), mesh_dim_names=("pp",))
