@@ -71,7 +71,7 @@ def check_plan(cfg: DictConfig, world_size: int) -> None:
     techniques = build_techniques(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = Plan(techniques, world_size=world_size, device_type=device, accum_steps=loop.accum_steps,
-                model=model_spec(cfg))
+                model=model_spec(cfg), max_steps=loop.max_steps, batch_size=loop.batch_size)
     Pipeline(techniques).validate(plan)
     plan.facts()
 

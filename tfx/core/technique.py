@@ -216,7 +216,7 @@ class Plan:
 
     def __init__(self, techniques: Iterable[Technique], world_size: int = 1,
                  device_type: str = "cpu", accum_steps: int = 1, model: Any = None,
-                 max_steps: Optional[int] = None) -> None:
+                 max_steps: Optional[int] = None, batch_size: Optional[int] = None) -> None:
         self.techniques: List[Technique] = sorted(techniques, key=lambda t: int(t.stage))
         self.world_size = world_size
         self.device_type = device_type
@@ -226,6 +226,8 @@ class Plan:
         #: ``trainer.max_steps``: schedules given as fractions resolve against it
         #: (:func:`tfx.core.schedule.resolve_step`); None outside a training run
         self.max_steps = max_steps
+        #: ``trainer.batch_size`` (per rank, per micro-step); None outside a training run
+        self.batch_size = batch_size
 
     def find(self, cls: type) -> Optional[Technique]:
         return next((t for t in self.techniques if isinstance(t, cls)), None)

@@ -117,7 +117,7 @@ class PipelineParallel(ParallelTechnique):
         stages than layers."""
         n, pp = self.n_microbatches, plan.world_size
         n_stages = pp * self.stages_per_rank
-        batch = getattr(plan, "batch_size", None)  # trainer.batch_size: sequences per micro-step
+        batch = plan.batch_size  # trainer.batch_size: sequences per micro-step
         if batch is not None and batch % n:
             raise ConfigError(f"parallel.n_microbatches={n} must divide trainer.batch_size={batch} "
                               f"(each micro-step's batch is split into n_microbatches); choose a "

@@ -31,6 +31,8 @@ calibration data; the exports add the artefact sizes.
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 import sys
 import time
@@ -162,6 +164,10 @@ class _OneShot(Technique):
         for key, value in (("n_samples", n_samples), ("batch_size", batch_size), ("seq_len", seq_len)):
             if value is not None and value < 1:
                 raise ConfigError(f"{self.label}.{key}={value} must be >= 1")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2 ** 32):
+            raise ConfigError(f"{self.label}.seed={seed!r} must be null (the run's seed) or an "
+                              f"integer in [0, 2**32)")
         self.n_samples, self.seq_len, self.batch_size, self.seed = n_samples, seq_len, batch_size, seed
         self.from_checkpoint = from_checkpoint  # loaded by the build order before SURGERY
         self.report: Dict[str, float] = {}
@@ -343,8 +349,8 @@ class SparseGPT(_OneShotPruning):
                  n_samples: int = 16, seq_len: Optional[int] = None, batch_size: int = 8,
                  seed: Optional[int] = None, from_checkpoint: Optional[str] = None) -> None:
         self._init_structure(sparsity, n, m)
-        if blocksize < 1 or percdamp < 0:
-            raise ConfigError(f"{self.label} needs blocksize >= 1 and percdamp >= 0, got "
+        if blocksize < 1 or not 0 <= percdamp < math.inf:  # `not` also catches nan
+            raise ConfigError(f"{self.label} needs blocksize >= 1 and a finite percdamp >= 0, got "
                               f"{blocksize} and {percdamp}")
         self.blocksize, self.percdamp = blocksize, percdamp
         self._init_calibration(n_samples, seq_len, batch_size, seed, from_checkpoint)
@@ -383,8 +389,8 @@ class GPTQ(_OneShot):
         if group_size != -1 and (int(group_size) != group_size or group_size < 1):
             raise ConfigError(f"{self.label}.group_size={group_size} must be -1 (one group per "
                               "row) or a positive number of inputs")
-        if blocksize < 1 or percdamp < 0:
-            raise ConfigError(f"{self.label} needs blocksize >= 1 and percdamp >= 0, got "
+        if blocksize < 1 or not 0 <= percdamp < math.inf:  # `not` also catches nan
+            raise ConfigError(f"{self.label} needs blocksize >= 1 and a finite percdamp >= 0, got "
                               f"{blocksize} and {percdamp}")
         self.bits, self.group_size, self.act_order, self.sym = int(bits), group_size, act_order, sym
         self.method, self.percdamp, self.blocksize = method, percdamp, blocksize
