@@ -22,6 +22,7 @@ valid keys. Values out of range fail in the constructors with a :class:`ConfigEr
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,18 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _finite_positive(name: str, value, what: str, integer: bool = False) -> None:
+    """None, or a finite number > 0 (an integer if ``integer``)."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    whole = number and float(value).is_integer()  # False for inf and nan
+    if not number or not 0 < value < math.inf or (integer and not whole):
+        kind = "an integer" if integer else "a finite number"
+        shown = int(value) if integer and whole else value  # 5e7 composes as 50000000.0
+        raise ConfigError(f"{name}={shown!r} must be {kind} > 0 ({what}), or null")
+
+
 @dataclass
 class TrainerConfig:
     """The training loop's parameters (``trainer`` group): one optimizer step sees
@@ -67,6 +80,11 @@ class TrainerConfig:
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     progress: bool = True
     deterministic: bool = False
+    # stop early (whichever comes first, with max_steps); a normal end: export, final eval
+    budget_tokens: Optional[float] = None    # stop at the step reaching this many target tokens (5e7 ok)
+    budget_seconds: Optional[float] = None   # stop after this many seconds of training (spans resumes)
+    target_loss: Optional[float] = None      # stop at the first evaluation with val loss <= this
+    peak_tflops: Optional[float] = None      # one device's peak for MFU/HFU; None: GPU table / CPU probe
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "eval_every", "ckpt_every", "keep_last"):
@@ -74,6 +92,17 @@ class TrainerConfig:
         for key in ("batch_size", "accum_steps", "eval_batches", "log_every", "max_bad_steps",
                     "max_scaler_skips", "final_eval_batches", "grad_clip"):
             _positive(f"trainer.{key}", getattr(self, key))
+        _finite_positive("trainer.budget_tokens", self.budget_tokens, "a number of target tokens",
+                         integer=True)
+        if self.budget_tokens is not None:
+            self.budget_tokens = int(self.budget_tokens)  # typed float so that 5e7 composes
+        for key, what in (("budget_seconds", "seconds of training"),
+                          ("target_loss", "the validation loss, nats per token"),
+                          ("peak_tflops", "one device's peak TFLOP/s")):
+            _finite_positive(f"trainer.{key}", getattr(self, key), what)
+        if self.target_loss is not None and not self.eval_every:
+            raise ConfigError(f"trainer.target_loss={self.target_loss} is checked at the periodic "
+                              f"evaluations, but trainer.eval_every=0; set trainer.eval_every > 0")
 
 
 @dataclass

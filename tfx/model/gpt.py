@@ -175,12 +175,29 @@ class GPT(nn.Module):
             n += self.head.weight.numel()  # the head matmul is real compute
         return n
 
-    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B:
-        ``6 N + 12 L d T`` with N the non-embedding parameters (head included)."""
+    def flops_per_token(self, seq_len: Optional[int] = None, layers=None) -> float:
+        """Training FLOPs per token, forward + backward, by the formula of :mod:`tfx.flops`:
+        ``6 x`` the matmul weights (every Linear of the blocks, and the head, tied or
+        not) ``+ 12 x`` attention width ``x`` (query, key) pairs per sequence ``/ T``,
+        per block: ``T (T + 1) / 2`` pairs for causal attention, times the density of a
+        sparse kernel's pattern (``kernel.spec.density``). ``layers``: only these blocks
+        and no head (activation checkpointing recomputes a third of it)."""
         T = seq_len or self.cfg.block_size
-        n = self.num_params(non_embedding=True)
-        return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * T
+        blocks = self.blocks() if layers is None else list(layers)
+        modules = [m for b in blocks for m in b.modules()]
+        if layers is None and self.head is not None:
+            modules.append(self.head)
+        weights = sum(m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
+        attention, density = 0.0, {}
+        for block in blocks:
+            kernel = block.attn.kernel
+            # query heads x head_dim, as the output projection reads it (pruned heads, low rank)
+            width = next(m.in_features for m in block.attn.o_proj.modules() if isinstance(m, nn.Linear))
+            if id(kernel) not in density:
+                spec = getattr(kernel, "spec", None)
+                density[id(kernel)] = spec.density(T) if spec is not None else 1.0
+            attention += 12.0 * width * (T + 1) / 2 * density[id(kernel)]
+        return 6.0 * weights + attention
 
     def blocks(self):
         return list(self.layers.values())

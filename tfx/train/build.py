@@ -35,13 +35,12 @@ from tfx.ckpt import load_weights_from_run, resolve_and_load, saved_structure
 from tfx.config import (TrainerConfig, build_loop, build_model, build_techniques, check_choices,
                         model_spec, optimizer_factory, scheduler_factory, use_model_tokenizer)
 from tfx.core import CheckpointError, ConfigError, Pipeline, Plan, RunContext, Technique, distributed
-from tfx.core.technique import structural_order
+from tfx.core.technique import Stage, structural_order
 from tfx.data import BlockLoader, TokenData, prepare_data
+from tfx.flops import Flops, flops_fn, peak_flops, recompute_flops_per_token, run_dtype
 from tfx.log import MetricsWriter
+from tfx.model.anatomy import anatomy_of
 from tfx.train.trainer import Trainer
-
-# bf16 dense peak of known accelerators, for MFU. CPUs: unknown (MFU not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 @dataclass
@@ -76,13 +75,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -115,6 +107,7 @@ RESUME_MAY_CHANGE = (
     "trainer.max_steps", "trainer.eval_every", "trainer.eval_batches", "trainer.final_eval_batches",
     "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last", "trainer.progress",
     "trainer.device", "trainer.max_bad_steps", "trainer.max_scaler_skips", "trainer.deterministic",
+    "trainer.budget_tokens", "trainer.budget_seconds", "trainer.target_loss", "trainer.peak_tflops",
     "logger", "logger.*", "resume", "run_dir", "experiment", "hydra", "hydra.*", "data.cache_dir",
     "parallel", "parallel.*",
 )
@@ -245,25 +238,60 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     model = build_model(cfg, data.vocab_size, cfg.data.seq_len, spec=spec).to(ctx.device)
     if facts.from_checkpoint and not ctx.resuming:
         load_weights_from_run(model, facts.from_checkpoint)
-    model = pipeline.apply_to_model(model, ctx)
+    early = {t.stage for t in pipeline.techniques if t.stage < Stage.PIPELINE}
+    model = pipeline.apply_to_model(model, ctx, stages=early)
+    model_flops = _model_flops(model, cfg.data.seq_len)  # the whole model, before any split
+    model = pipeline.apply_to_model(model, ctx, stages={t.stage for t in pipeline.techniques} - early)
     # 5. optimizer and scheduler
     optimizer = pipeline.wrap_optimizer(make_optimizer(model), model, ctx)
     scheduler = make_scheduler(optimizer, loop.max_steps)
     # 6. trainer; every stateful part loaded once
     loader = BlockLoader(data.train, loop.batch_size, seed=cfg.seed, rank=ctx.dp_rank, world_size=ctx.dp_size)
-    fpt = flops_fn(model)
     meta = {"config": config_dict(cfg), "vocab_size": data.vocab_size, "tokenizer_id": ctx.tokenizer_id,
             "global_batch": loop.batch_size * ctx.dp_size}
     trainer = Trainer(model, optimizer, scheduler, pipeline, loader, data.val, ctx, loop,
                       MetricsWriter(run_dir, enabled=ctx.is_main), ckpt_dir, checkpoint_meta=meta,
-                      flops_per_token=fpt(cfg.data.seq_len) if fpt else 0.0, peak_flops=peak_flops(ctx.device),
-                      tokenizer=data.tokenizer)
+                      flops=_flops(model, model_flops, cfg.data.seq_len, loop, ctx), tokenizer=data.tokenizer)
     if state is not None:
         trainer.load_state(state)
+    if ctx.is_main:
+        _note_budget(loop, cfg.data.seq_len * loop.batch_size * loop.accum_steps * ctx.dp_size)
     return Job(cfg, ctx, data, model, pipeline, trainer, run_dir, ckpt_dir, resume_path)
 
 
-def flops_fn(model: torch.nn.Module):
-    """The model's ``flops_per_token(seq_len)`` under any wrapper (DDP, FSDP, compile,
-    pipeline stages), or None when the model does not say."""
-    return next((m.flops_per_token for m in model.modules() if hasattr(m, "flops_per_token")), None)
+def _model_flops(model: torch.nn.Module, seq_len: int) -> Optional[tuple]:
+    """(FLOPs per token, decoder layers) of the whole model after SURGERY, before
+    pipeline stages drop layers; None when the model has no ``flops_per_token``."""
+    fn = flops_fn(model)
+    if fn is None:
+        return None
+    try:
+        layers = len(anatomy_of(model).decoder_layers(model))
+    except ConfigError:  # a model without a tfx anatomy: no pipeline stages either
+        layers = None
+    return fn(seq_len), layers
+
+
+def _flops(model: torch.nn.Module, model_flops: Optional[tuple], seq_len: int, loop: TrainerConfig,
+           ctx: RunContext) -> Optional[Flops]:
+    """What MFU/HFU need; the peak only on rank 0 (the only rank that logs them; on a
+    CPU it is measured, see :func:`tfx.flops.peak_flops`)."""
+    if model_flops is None:
+        return None
+    per_token, layers = model_flops
+    dtype = run_dtype(ctx.facts.compute_dtype, model)
+    peak, source = peak_flops(ctx.device, dtype, loop.peak_tflops) if ctx.is_main else (None, "")
+    hardware = per_token + recompute_flops_per_token(model, seq_len, total_layers=layers)
+    return Flops(per_token, hardware, peak, ctx.world_size, source, dtype)
+
+
+def _note_budget(loop: TrainerConfig, tokens_per_step: int) -> None:
+    """The learning-rate schedule follows ``trainer.max_steps``: say so when the token
+    budget ends the run well before it (the rate would still be high)."""
+    if loop.budget_tokens is None:
+        return
+    steps = -(-loop.budget_tokens // tokens_per_step)
+    if steps < loop.max_steps:
+        print(f"note: trainer.budget_tokens={loop.budget_tokens} ends the run near step {steps} of "
+              f"trainer.max_steps={loop.max_steps}; the learning-rate schedule follows max_steps "
+              f"(set trainer.max_steps={steps} to finish its decay within the budget)")

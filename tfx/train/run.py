@@ -17,9 +17,11 @@ from tfx.core import TrainingError, distributed
 from tfx.data import TokenData
 from tfx.log import WandbLogger, peak_memory_mb, reset_peak_memory
 from tfx.model import count_params, export_hf
-from tfx.train.build import Job, build, config_dict, flops_fn, resolve_device
+from tfx.train.build import Job, build, config_dict, resolve_device
 
 __all__ = ["Job", "build", "print_summary", "train"]
+
+NOT_REACHED = "not reached"
 
 
 def _throughput(step_times: List[float], tokens_per_step: int) -> float:
@@ -88,7 +90,8 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
     loop = job.loop
     tokens_per_step = loop.batch_size * loop.accum_steps * ctx.dp_size * cfg.data.seq_len
     tps = _throughput(result["step_times"], tokens_per_step)
-    fpt = flops_fn(job.model)
+    state = trainer.state
+    trainer.note_eval(val["loss"])  # the final evaluation may be the first to reach the target
     summary = {
         "run_name": run_name or job.run_dir.name,
         "val_loss": val["loss"], "val_ppl": val["ppl"],
@@ -97,8 +100,11 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "step_time_ms": 1000 * tokens_per_step / tps if tps else float("nan"),
         "peak_mem_mb": peak_memory_mb(ctx.device),
         "params": count_params(job.model),
-        "step": trainer.state.step, "max_steps": loop.max_steps,
-        "tokens_seen": trainer.state.tokens_seen, "skipped_steps": trainer.state.skipped_steps,
+        "step": state.step, "max_steps": loop.max_steps,
+        "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
+        "stop_reason": result["stop_reason"],
+        "train_seconds": state.train_seconds,
+        **_target_fields(trainer),
         "techniques": job.pipeline.order(),
         "stopped_early": result["stopped"],
         "world_size": ctx.world_size, "dp_size": ctx.dp_size, "device": str(ctx.device),
@@ -106,12 +112,10 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "wall_time_s": wall_s,
         "run_dir": str(job.run_dir),
     }
-    if fpt is not None:
-        achieved = fpt(cfg.data.seq_len) * tps
-        summary["tflops"] = achieved / 1e12
-        if trainer.peak_flops:
-            summary["mfu"] = achieved / trainer.peak_flops
-    if ctx.is_main and result["stopped"] is None:
+    if trainer.flops is not None:
+        summary.update(trainer.flops.summary())
+        summary.update(trainer.flops.utilization(tps))
+    if ctx.is_main and result["stop_reason"] != "signal":  # an interrupted run is not exported
         summary.update(job.pipeline.export(job.model, job.run_dir, ctx))
         summary.update(export_hf(job.model, job.run_dir))  # HF models: hf_model/ (save_pretrained)
     if ctx.is_main:
@@ -120,15 +124,39 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
     return summary
 
 
+def _target_fields(trainer) -> Dict[str, Any]:
+    """``tokens_to_target``/``seconds_to_target``/``steps_to_target``: where the first
+    evaluation at or below ``trainer.target_loss`` was ("not reached" otherwise)."""
+    target = trainer.loop.target_loss
+    if target is None:
+        return {}
+    rec = trainer.target_record()
+    if rec is None:
+        return {"target_loss": target, "tokens_to_target": NOT_REACHED, "seconds_to_target": NOT_REACHED,
+                "steps_to_target": NOT_REACHED}
+    return {"target_loss": target, "tokens_to_target": rec["tokens"], "seconds_to_target": rec["seconds"],
+            "steps_to_target": rec["step"]}
+
+
 def print_summary(summary: Dict[str, Any]) -> None:
+    mfu = f" | MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
     lines = [
         f"val loss {summary['val_loss']:.4f} | val ppl {summary['val_ppl']:.2f}"
         + (f" | val bits/byte {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""),
-        f"tokens/s {summary['tokens_per_sec']:,.0f} | peak mem {summary['peak_mem_mb']:,.0f} MB"
+        f"tokens/s {summary['tokens_per_sec']:,.0f}{mfu} | peak mem {summary['peak_mem_mb']:,.0f} MB"
         f" | params {summary['params']:,} | steps {summary['step']}",
         f"techniques: {', '.join(summary['techniques']) or 'none'}",
         f"run dir: {summary['run_dir']}",
     ]
+    reason = summary.get("stop_reason")
+    if reason in ("budget_tokens", "budget_seconds", "target_loss"):
+        lines.insert(0, f"stopped by trainer.{reason} at step {summary['step']} "
+                        f"({summary['tokens_seen']:,} tokens, {summary['train_seconds']:,.1f} s of training)")
+    if summary.get("target_loss") is not None:
+        reached = summary["tokens_to_target"] != NOT_REACHED
+        lines.insert(0, f"target loss {summary['target_loss']}: " + (
+            f"reached after {summary['tokens_to_target']:,} tokens, {summary['seconds_to_target']:,.1f} s "
+            f"(step {summary['steps_to_target']})" if reached else NOT_REACHED))
     if summary.get("stopped_early"):
         lines.insert(0, f"stopped early ({summary['stopped_early']}); checkpoint saved: "
                         f"resume with resume=auto hydra.run.dir={summary['run_dir']}")

@@ -1,7 +1,14 @@
-"""The training loop: accumulation, clipping, evaluation, checkpoints, logging.
+"""The training loop: accumulation, clipping, evaluation, checkpoints, logging, and
+when to stop (``trainer.max_steps``, a token or time budget, a target loss).
 
 Everything technique-specific goes through :class:`tfx.core.Pipeline` hooks; the
 loop itself only knows about micro-steps, optimizer steps and the loss normaliser.
+
+Host-device synchronisation (docs/metrics.md): none inside a micro-step. The target
+tokens of a step are counted on the host from the CPU batches before they move to
+the device, the loss is summed on the device, and the loop reads it once per
+optimizer step, together with the gradient norm when a technique returns it as a
+tensor, because the non-finite guard must decide on the host whether to step.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from tfx.core import Pipeline, RunContext, StepInfo, TrainingError
 from tfx.core.loss import IGNORE_INDEX, ce_sum
 from tfx.data import BlockLoader, TokenBlocks
 from tfx.evaluation import evaluate_lm
+from tfx.flops import Flops
 from tfx.log import MetricsWriter, peak_memory_mb
 
 
@@ -39,14 +47,27 @@ class LoopState:
     bad_steps: int = 0       # consecutive non-finite losses (not checkpointed: never saved in a streak)
     scaler_skips: int = 0    # consecutive steps fp16's loss scaler skipped (inf/nan gradients)
     skipped_steps: int = 0
+    train_seconds: float = 0.0  # wall-clock seconds in the loop, over all resumes (trainer.budget_seconds)
+    #: the first evaluation at or below ``trainer.target_loss``: step, tokens_seen,
+    #: train_seconds and val_loss then (kept across resumes)
+    target: Optional[Dict[str, float]] = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "train_seconds": self.train_seconds, "target": self.target}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.target = state.get("target")
+
+
+#: Why :meth:`Trainer.fit` returned. All but ``signal`` end the run normally (final
+#: checkpoint, evaluation and export); ``signal`` (SIGTERM/SIGINT or
+#: :meth:`Trainer.request_stop`) saves a checkpoint to resume from and skips the export.
+STOP_REASONS = ("max_steps", "budget_tokens", "budget_seconds", "target_loss", "signal")
 
 
 class Trainer:
@@ -54,12 +75,11 @@ class Trainer:
                  loader: BlockLoader, val_blocks: TokenBlocks, ctx: RunContext, loop: TrainerConfig,
                  metrics: MetricsWriter, ckpt_dir: Path, wandb=None,
                  checkpoint_meta: Optional[Dict[str, Any]] = None,
-                 flops_per_token: float = 0.0, peak_flops: Optional[float] = None,
-                 tokenizer=None) -> None:
+                 flops: Optional[Flops] = None, tokenizer=None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.pipeline, self.loader, self.val_blocks = pipeline, loader, val_blocks
         self.ctx, self.loop, self.metrics, self.wandb = ctx, loop, metrics, wandb
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops = flops  # MFU/HFU: FLOPs per token and the peak (tfx.flops)
         self.tokenizer = tokenizer  # evaluation reports bits per byte with it
         self.state = LoopState()
         self.checkpoints = CheckpointManager(
@@ -70,11 +90,12 @@ class Trainer:
                   "structure": pipeline.structure()},
             keep_last=loop.keep_last, distributed=ctx.distributed, is_main=ctx.is_main)
         self.callbacks: List[Callable[["Trainer"], None]] = []
-        self._stop_reason: Optional[str] = None
+        self._stop_reason: Optional[str] = None  # set by a signal or request_stop
 
     # -- stopping ------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Finish the current step, save a checkpoint, and return from :meth:`fit`."""
+        """Finish the current step, save a checkpoint, and return from :meth:`fit`
+        (``stop_reason`` ``signal``: an interruption to resume from, not an end)."""
         self._stop_reason = reason
 
     def install_signal_handlers(self) -> None:
@@ -83,8 +104,54 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
 
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is True on any: ranks must stop at the same step
+        (their clocks differ). One all-reduce, only where a decision can differ."""
+        if not self.ctx.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _budget_reached(self) -> Optional[str]:
+        """``budget_tokens`` or ``budget_seconds`` once the loop has used it up."""
+        loop, state = self.loop, self.state
+        if loop.budget_tokens is not None and state.tokens_seen >= loop.budget_tokens:
+            return "budget_tokens"  # tokens_seen is global: the same on every rank
+        if loop.budget_seconds is not None and self._agree(state.train_seconds >= loop.budget_seconds):
+            return "budget_seconds"
+        return None
+
+    def target_record(self) -> Optional[Dict[str, float]]:
+        """The first evaluation that reached ``trainer.target_loss`` (None if none did; a
+        resume with a lower target forgets one that no longer reaches it)."""
+        rec, target = self.state.target, self.loop.target_loss
+        return rec if rec is not None and target is not None and rec["val_loss"] <= target else None
+
+    def note_eval(self, val_loss: float) -> bool:
+        """Record the first evaluation at or below ``trainer.target_loss``; True then."""
+        target = self.loop.target_loss
+        if target is None or self.target_record() is not None:
+            return False
+        if not self._agree(math.isfinite(val_loss) and val_loss <= target):
+            return False
+        self.state.target = {"step": self.state.step, "tokens": self.state.tokens_seen,
+                             "seconds": self.state.train_seconds, "val_loss": val_loss}
+        return True
+
+    def _finished(self) -> Optional[str]:
+        """Why the run is over before (another) step: a resumed run may already be."""
+        if self.state.step >= self.loop.max_steps:
+            return "max_steps"
+        if self.target_record() is not None:
+            return "target_loss"
+        return self._budget_reached()
+
     # -- one optimizer step ----------------------------------------------------------
     def _global_norm(self, micro_batches) -> float:
+        """Target tokens in the global batch, counted on the host from the CPU labels
+        (no device involved); under data parallelism summed over the ranks (NCCL:
+        one read before the micro-steps)."""
         n = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         if self.ctx.dp_size > 1:
             t = torch.tensor([n], dtype=torch.float64, device=self.ctx.device)
@@ -100,17 +167,22 @@ class Trainer:
         loss_mult = float(ctx.dp_size)
         self.model.train()
         total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        owner = self.pipeline.forward_owner()
         for i, batch in enumerate(micro):
-            info = StepInfo(self.state.step, i, loop.accum_steps)
-            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            if owner is not None:  # pipeline parallel runs its own schedule
-                with self.pipeline.step_context(self.model, info, ctx):
-                    loss = owner.forward_backward(self.model, batch, norm, loss_mult, info, ctx)
-            else:
-                loss = self._forward_backward(batch, norm, loss_mult, info)
-            total += _plain(loss.detach()).double()
+            total += self._micro_step(batch, norm, loss_mult, StepInfo(self.state.step, i, loop.accum_steps))
         return self._optimizer_step(total, int(norm))
+
+    def _micro_step(self, batch, norm: float, loss_mult: float, info: StepInfo) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its share of the objective
+        (before ``loss_mult``) as a float64 device scalar. Never reads a device value
+        (tests/test_sync_free.py)."""
+        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        owner = self.pipeline.forward_owner()
+        if owner is not None:  # pipeline parallel runs its own schedule
+            with self.pipeline.step_context(self.model, info, self.ctx):
+                loss = owner.forward_backward(self.model, batch, norm, loss_mult, info, self.ctx)
+        else:
+            loss = self._forward_backward(batch, norm, loss_mult, info)
+        return _plain(loss.detach()).double()
 
     def _forward_backward(self, batch, norm: float, loss_mult: float, info: StepInfo) -> torch.Tensor:
         """One micro-step; returns its share of the objective (before ``loss_mult``)."""
@@ -134,11 +206,11 @@ class Trainer:
         if self.ctx.dp_size > 1:
             dist.all_reduce(total)
             total /= dist.get_world_size() / self.ctx.dp_size
-        loss = total.item()
         self.pipeline.before_optimizer_step(self.model, self.optimizer, info, self.ctx)
-        grad_norm = float("nan")
+        grad_norm: Any = float("nan")
         if self.loop.grad_clip:
             grad_norm = self.pipeline.clip_grad_norm(self.model, self.loop.grad_clip)
+        loss, grad_norm = self._read(total, grad_norm)
         applied = self._guarded_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
@@ -147,6 +219,15 @@ class Trainer:
         self.state.tokens_seen += tokens
         self.pipeline.after_optimizer_step(self.model, StepInfo(self.state.step, 0, self.loop.accum_steps), self.ctx)
         return {"loss": loss, "grad_norm": grad_norm, "applied": float(applied)}
+
+    @staticmethod
+    def _read(total: torch.Tensor, grad_norm) -> tuple:
+        """The loop's one device read per optimizer step: the loss and, when it is
+        still a tensor, the gradient norm, copied to the host together."""
+        if isinstance(grad_norm, torch.Tensor):
+            values = torch.stack([total, _plain(grad_norm.detach()).to(total)]).tolist()
+            return values[0], values[1]
+        return total.item(), float(grad_norm)
 
     def _guarded_step(self, loss: float, grad_norm: float = float("nan")) -> bool:
         """Step unless the loss (or, when clipping, the gradient norm) is non-finite.
@@ -221,41 +302,57 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        loop = self.loop
+        """Train until ``trainer.max_steps``, a budget (``budget_tokens``,
+        ``budget_seconds``), the target loss, or a signal, whichever comes first. Every
+        end saves a checkpoint (unless inside a non-finite streak); ``stop_reason`` says
+        which it was (:data:`STOP_REASONS`)."""
+        loop, state = self.loop, self.state
         bar = self._progress_bar()
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
         step_times: List[float] = []
         last_eval: Dict[str, float] = {}
-        while self.state.step < loop.max_steps and self._stop_reason is None:
+        clock = time.perf_counter()  # state.train_seconds grows by the loop's wall time
+        reason = self._finished()
+        while reason is None and self._stop_reason is None:
             t0 = time.perf_counter()
-            tokens_before = self.state.tokens_seen
+            tokens_before = state.tokens_seen
             out = self.train_step()
             dt = time.perf_counter() - t0
             step_times.append(dt)
             window["loss"] += out["loss"]  # a non-finite step shows as nan/inf, not as 0.0
             window["n"] += 1
-            window["tokens"] += self.state.tokens_seen - tokens_before
-            step = self.state.step
+            window["tokens"] += state.tokens_seen - tokens_before
+            step = state.step
+            state.train_seconds += time.perf_counter() - clock
+            clock = time.perf_counter()
+            reason = "max_steps" if step >= loop.max_steps else self._budget_reached()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.3f}")
-            if step % loop.log_every == 0 or step == loop.max_steps:
+            if step % loop.log_every == 0 or reason is not None:
                 self._log_train(window, out, dt)
                 window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-            if loop.eval_every and step % loop.eval_every == 0 and step < loop.max_steps:
+            if loop.eval_every and step % loop.eval_every == 0 and reason is None:
+                # the last step is evaluated by the final evaluation (trainer.final_eval_batches)
                 last_eval = self.evaluate(max_batches=loop.eval_batches)
                 self._log({f"val/{k}": v for k, v in last_eval.items()})
+                if self.note_eval(last_eval["loss"]):
+                    reason = "target_loss"
             for cb in self.callbacks:
                 cb(self)
             healthy = self._healthy()  # never checkpoint inside a non-finite or scaler-skip streak
-            if loop.ckpt_every and step % loop.ckpt_every == 0 and step < loop.max_steps and healthy:
+            if loop.ckpt_every and step % loop.ckpt_every == 0 and reason is None and healthy \
+                    and self._stop_reason is None:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        done = self._stop_reason is not None or self.state.step >= loop.max_steps
-        if done and self._healthy():  # never a checkpoint of a non-finite or skip streak
+        state.train_seconds += time.perf_counter() - clock
+        if reason is None:  # a signal (or request_stop) ended the loop
+            reason = "signal"
+        if self._healthy():  # never a checkpoint of a non-finite or skip streak
             self.save_checkpoint()
-        return {"step_times": step_times, "stopped": self._stop_reason, "last_eval": last_eval}
+        return {"step_times": step_times, "stopped": self._stop_reason if reason == "signal" else None,
+                "stop_reason": reason, "last_eval": last_eval}
 
     def _healthy(self) -> bool:
         return self.state.bad_steps == 0 and self.state.scaler_skips == 0
@@ -278,12 +375,10 @@ class Trainer:
              "train/grad_norm": out["grad_norm"],
              "train/peak_mem_mb": peak_memory_mb(self.ctx.device),
              "train/tokens_seen": self.state.tokens_seen,
+             "train/seconds": self.state.train_seconds,
              **self.pipeline.metrics()}
-        if self.flops_per_token:
-            achieved = self.flops_per_token * tps
-            m["train/tflops"] = achieved / 1e12
-            if self.peak_flops:
-                m["train/mfu"] = achieved / self.peak_flops
+        if self.flops is not None:
+            m.update({f"train/{k}": v for k, v in self.flops.utilization(tps).items()})
         self._log(m)
 
     def _log(self, metrics: Dict[str, Any]) -> None:
