@@ -6,8 +6,8 @@
 #
 # Needs a CUDA machine with the repo's requirements installed. Each section records its
 # command and exit status, so a failing part shows in the report instead of stopping it.
-# MFU in bench_train is against the card's bf16 dense peak (tfx/train/build.py PEAK_FLOPS,
-# from the vendors' datasheets: H100/H200 SXM 989 TFLOPS, A100 312, L40S 362, A10G 125).
+# MFU is against the card's dense peak for the run's dtype (tfx/flops.py GPU_PEAK_TFLOPS,
+# from the vendors' datasheets: H100/H200 SXM bf16 989 TFLOPS, fp8 1979, A100 312, L40S 362).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_report.md}"

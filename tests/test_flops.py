@@ -182,3 +182,18 @@ def test_hf_llama_checkpointing_recompute_is_what_torch_recomputes(llama):
     assert extra == 2 * recomputed
     attention = 2 * 2 * 2 * (6 * 8) * 33 / 2                # 2 layers x (QK, AV) forward, causal
     assert recompute_flops_per_token(model, 32) == 2 * recomputed + attention
+
+
+def test_hf_sparse_attention_counts_its_density(llama):
+    """On an HF model the attention FLOPs shrink by the sliding window's density, and
+    the weight FLOPs stay: the count follows the pattern set by attention=..."""
+    from tfx.attention import apply_sparse_attention
+    from tfx.attention.patterns import SlidingWindow
+
+    t, window = 32, 8
+    dense, sparse = llama(), apply_sparse_attention(llama(), SlidingWindow(window))
+    kept = sum(min(i + 1, window) for i in range(t))         # causal pairs inside the window
+    width = 6 * 8
+    per_pair = 2 * 3 * 2 * 2 * width / t                     # layers x train x (QK, AV) x MAC
+    assert dense.flops_per_token(t) - sparse.flops_per_token(t) == pytest.approx(
+        per_pair * (t * (t + 1) / 2 - kept))

@@ -51,6 +51,8 @@ def apply_sparse_attention(model: nn.Module, kernel_or_pattern: Union[AttentionK
             raise ConfigError(f"{type(kernel).__name__} is not a tfx sparse kernel; Hugging Face "
                               "models take a Pattern or a kernel from tfx.attention.make_kernel")
         lm.set_attn_implementation(register_hf_attention(kernel))
+        # for FLOPs per token (the pattern's density); kept out of the module tree
+        lm.__dict__["tfx_attention_kernel"] = kernel
         return model
     owners = [m for m in model.modules() if isinstance(getattr(m, "kernel", None), AttentionKernel)]
     if not owners:

@@ -333,13 +333,17 @@ class Pipeline:
         for t in self.techniques:
             t.before_optimizer_step(model, optimizer, info, ctx)
 
-    def clip_grad_norm(self, model, max_norm: float) -> float:
-        """Global gradient norm before clipping (DTensor norms made plain)."""
+    def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """Global gradient norm before clipping, as a 0-d tensor on the device (DTensor
+        norms made plain). Not read here: the loop reads it with the loss, in one
+        host-device synchronisation per optimizer step."""
         norm = next((n for n in (t.clip_grad_norm(model, max_norm) for t in self.techniques)
                      if n is not None), None)
         if norm is None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not isinstance(norm, torch.Tensor):
+            return torch.tensor(float(norm))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def optimizer_step(self, optimizer) -> bool:
         """Let one technique own the step (e.g. GradScaler); otherwise step plainly."""

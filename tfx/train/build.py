@@ -212,7 +212,7 @@ def build(cfg: DictConfig, run_dir, data: Optional[TokenData] = None,
     rank, local_rank, world = distributed.env_world()
     # 2. validate (pure)
     plan = Plan(techniques, world_size=world, device_type=device.type, accum_steps=loop.accum_steps,
-                model=spec, max_steps=loop.max_steps)
+                model=spec, max_steps=loop.max_steps, batch_size=loop.batch_size)
     pipeline.validate(plan)
     facts = plan.facts()
     distributed.init_distributed(device)
