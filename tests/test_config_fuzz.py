@@ -186,6 +186,7 @@ OPTIM_KEYS = {
              "ns_steps": ("an integer in [1, 100)", [0, 100, -1], [1, 99])},
 }
 BETAS = {"adamw": "betas", "muon": "adamw_betas"}
+FLAGS = {"adamw": {"fused"}}  # true/false/null switches, not numbers
 WRONG_TYPES = ["abc", True, [1]]  # the signature check or the range check: one line
 
 
@@ -203,8 +204,10 @@ def optim_error(base: DictConfig, key: str, value) -> str:
 @pytest.mark.parametrize("optim", sorted(OPTIM_KEYS))
 def test_every_numeric_optimizer_key_is_checked(hydra_ctx, optim):
     base = compose_tiny([f"optim={optim}"])
-    numeric = {k for k, v in base.optim.items() if not k.startswith("_")
+    numeric = {k for k, v in base.optim.items() if not k.startswith("_") and k not in FLAGS.get(optim, ())
                and (isinstance(v, (int, float)) and not isinstance(v, bool) or v is None)}
+    for key in FLAGS.get(optim, ()):
+        assert optim_error(base, key, 1.5).startswith(f"optim.{key}="), key
     assert numeric == set(OPTIM_KEYS[optim]), f"a numeric key of conf/optim/{optim}.yaml has no entry here"
     for key, (allowed, bad, good) in OPTIM_KEYS[optim].items():
         for value in bad:

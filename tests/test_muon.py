@@ -281,3 +281,24 @@ def test_ddp_sharded_resume_equals_uninterrupted(muon_ddp, tmp_path):
     resumed = interrupt_after(full, tmp_path / "resumed", 2)
     run_workers(resumed, 2, "parallel=ddp", "optim=muon", "trainer.batch_size=2", "resume=auto")
     assert_same_training(resumed, full, steps={3, 4}, atol=0, rtol=0)
+
+
+def test_fused_adamw_matches_foreach():
+    """optim.fused=true is torch's fused kernel: the same AdamW update to round-off."""
+    from tfx.optim import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    b = copy.deepcopy(a)
+    opt_a, opt_b = adamw(a, lr=1e-2), adamw(b, lr=1e-2, fused=True)
+    assert opt_b.defaults["fused"] and not opt_a.defaults["fused"]
+    x = torch.randn(32, 8)
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ConfigError):
+        adamw(a, fused="yes")

@@ -7,7 +7,7 @@ factory can split parameters however its method needs (see :mod:`tfx.optim.muon`
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, List
+from typing import Any, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -59,12 +59,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 
 def adamw(model: nn.Module, lr: float = 1e-3, betas: Iterable[float] = (0.9, 0.95), eps: float = 1e-8,
-          weight_decay: float = 0.1) -> torch.optim.AdamW:
+          weight_decay: float = 0.1, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """``fused``: torch's single-kernel AdamW (``True``; what ``transformers.Trainer``
+    uses by default on torch >= 2.8), or ``None`` for torch's default (``foreach``).
+    Same update rule, different rounding order: results agree to float round-off."""
     check_range("lr", lr, 0, low_open=True)
     betas = check_betas("betas", betas)
     check_range("eps", eps, 0, low_open=True)
     check_range("weight_decay", weight_decay, 0)
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optim.fused={fused!r} must be true, false or null (torch's default)")
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=fused)
 
 
 def sgd(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.SGD:
