@@ -15,11 +15,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_utils import hf_cfg, save_tiny_llama, tiny_llama_config, tiny_tokenizer  # noqa: E402
-from tfx.compression.distill import Distillation, HFStudent, kd_vocab  # noqa: E402
+from tfx.compression.distill import Distillation, kd_vocab  # noqa: E402
 from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
 from tfx.data import BlockLoader, prepare_data  # noqa: E402
-from tfx.model import CausalLM  # noqa: E402
+from tfx.model import CausalLM, HFModel  # noqa: E402
 from tfx.train.build import build  # noqa: E402
 
 KD = ["compression=[distill]", "compression.distill.alpha=0.3", "compression.distill.temperature=2.5"]
@@ -179,12 +179,23 @@ def test_tfx_run_teacher_with_the_same_tokenizer(dirs, hf_data, tmp_path):
 
 
 def test_student_spec_overrides_the_config(dirs):
-    spec = HFStudent(str(dirs["teacher"]), config_overrides={"num_hidden_layers": 1})
+    spec = HFModel(str(dirs["teacher"]), pretrained=False, config_overrides={"num_hidden_layers": 1})
     model = spec.build(vocab_size=300, block_size=32)
     assert len(model.lm.model.layers) == 1 and spec.family == "hf_llama"
     assert spec.tokenizer_config() == {"kind": "pretrained", "name": str(dirs["teacher"])}
     with pytest.raises(ConfigError, match="config_overrides.n_layers is not a field"):
-        HFStudent(str(dirs["teacher"]), config_overrides={"n_layers": 1})
+        HFModel(str(dirs["teacher"]), config_overrides={"n_layers": 1})
+
+
+def test_pretrained_with_fewer_layers_keeps_the_first_ones(dirs):
+    """pretrained=true + num_hidden_layers: transformers loads the layers that still fit."""
+    full = HFModel(str(dirs["teacher"])).build(vocab_size=300, block_size=32)
+    short = HFModel(str(dirs["teacher"]), config_overrides={"num_hidden_layers": 1}).build(300, 32)
+    assert len(short.lm.model.layers) == 1
+    for (name, a), (_, b) in zip(full.lm.model.layers[0].state_dict().items(),
+                                 short.lm.model.layers[0].state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.lm.model.embed_tokens.weight, short.lm.model.embed_tokens.weight)
 
 
 def test_pipeline_parallel_is_refused():

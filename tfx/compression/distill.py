@@ -50,7 +50,7 @@ from tfx.data.pack import cache_path
 from tfx.data.tokenizer import load_tokenizer as load_data_tokenizer
 from tfx.data.tokenizer import tokenizer_cache_id
 from tfx.model.anatomy import anatomy_of, is_hf_spec
-from tfx.model.hf import SMOLLM2_PRESET, CausalLM, HFModel, load_causal_lm, load_tokenizer, tokenizer_id
+from tfx.model.hf import SMOLLM2_PRESET, CausalLM, load_causal_lm, load_tokenizer, tokenizer_id
 
 SOURCES = ("auto", "tfx", "hf")
 
@@ -372,44 +372,3 @@ class Distillation(Technique):
 
     def structure(self):
         return {"teacher_width": self.teacher_width} if self.needs_hidden else {}
-
-
-class HFStudent(HFModel):
-    """``model=smollm2_student``: an HF architecture with some config values changed
-    (``config_overrides``, e.g. ``num_hidden_layers: 4``), randomly initialised with
-    transformers' own init, tokenizing with the original model's tokenizer: a small
-    student of the same family as its teacher.
-
-    A stop-gap until :class:`tfx.model.hf.HFModel` takes ``config_overrides`` itself;
-    then the YAML's ``_target_`` becomes ``tfx.model.hf.HFModel`` with
-    ``pretrained: false``."""
-
-    def __init__(self, name_or_path: Optional[str] = None,
-                 config_overrides: Optional[Dict[str, Any]] = None, dtype: str = "float32",
-                 attn_implementation: str = "sdpa") -> None:
-        super().__init__(name_or_path, pretrained=False, dtype=dtype,
-                         attn_implementation=attn_implementation)
-        overrides = dict(config_overrides or {})
-        unknown = [k for k in overrides if not hasattr(self.config, k)]
-        if unknown:
-            raise ConfigError(f"model.config_overrides.{unknown[0]} is not a field of "
-                              f"{self.name_or_path}'s {type(self.config).__name__}; use its config.json keys, "
-                              f"e.g. num_hidden_layers")
-        self.config.update(overrides)  # load_config gave this spec its own copy
-        self.config_overrides = overrides
-
-    def __repr__(self) -> str:
-        return f"HFStudent({self.name_or_path!r}, config_overrides={self.config_overrides})"
-
-    def build(self, vocab_size: int, block_size: int) -> CausalLM:
-        from transformers import AutoModelForCausalLM
-
-        if vocab_size > self.vocab_size:
-            raise ConfigError(f"the data's tokenizer has {vocab_size:,} tokens but the student embeds "
-                              f"{self.vocab_size:,}; tokenize with the model's own tokenizer")
-        if self.max_positions and block_size > self.max_positions:
-            raise ConfigError(f"data.seq_len={block_size} exceeds the student's {self.max_positions} "
-                              f"positions; lower data.seq_len")
-        lm = AutoModelForCausalLM.from_config(self.config, dtype=getattr(torch, self.dtype),
-                                              attn_implementation=self.attn_implementation)
-        return CausalLM(lm.eval(), tokenizer=self.tokenizer_config()["name"])

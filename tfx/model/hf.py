@@ -293,7 +293,8 @@ def _source_kwargs(folder: str, gguf: Optional[str], is_local: bool) -> dict[str
 
 def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "float32",
                    attn_implementation: str = "sdpa", gguf_file: Optional[str] = None,
-                   cache_dir: str | Path | None = None):
+                   cache_dir: str | Path | None = None,
+                   config_overrides: Optional[dict[str, Any]] = None):
     """A ``transformers`` causal LM, in eval mode, on CPU.
 
     ``name_or_path``: ``"smollm2-135m-instruct-gguf"`` (offline preset, see
@@ -302,6 +303,9 @@ def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "flo
     id (needs the network unless already in the Hugging Face cache).
     ``pretrained=False`` builds the same architecture from its config only, randomly
     initialised with transformers' own init (the torch RNG decides the values).
+    ``config_overrides`` change config fields first (e.g. ``num_hidden_layers: 4``; with
+    ``pretrained=True`` transformers then loads the weights that still fit: the first
+    4 layers).
     Any failure to find or read the model is one-line :class:`ConfigError`.
     """
     torch_dtype = _torch_dtype(dtype)
@@ -309,7 +313,8 @@ def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "flo
     source = _source_kwargs(folder, gguf, is_local)
     try:
         with _quiet():
-            model = _load(folder, pretrained, torch_dtype, attn_implementation, source)
+            model = _load(folder, pretrained, torch_dtype, attn_implementation, source,
+                          dict(config_overrides or {}))
     except _hub_errors() as err:
         raise _load_error(str(name_or_path), is_local, err) from err
     if gguf and pretrained:  # a plain model, so compressed results can save_pretrained
@@ -318,13 +323,14 @@ def load_causal_lm(name_or_path: str, pretrained: bool = True, dtype: str = "flo
 
 
 def _load(folder: str, pretrained: bool, torch_dtype, attn_implementation: str,
-          source: dict[str, Any]):
+          source: dict[str, Any], overrides: dict[str, Any]):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if pretrained:
+    if pretrained:  # config fields given as keyword arguments override the saved config
         return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **source)
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation, **source, **overrides)
     config = AutoConfig.from_pretrained(folder, **source)
+    config.update(overrides)
     if hasattr(config, "quantization_config"):  # a GGUF config; from_config builds floats
         del config.quantization_config
     return AutoModelForCausalLM.from_config(
@@ -421,7 +427,8 @@ class HFModel:
 
     def __init__(self, name_or_path: Optional[str] = None, pretrained: bool = True,
                  dtype: str = "float32", attn_implementation: str = "sdpa",
-                 gguf_file: Optional[str] = None) -> None:
+                 gguf_file: Optional[str] = None,
+                 config_overrides: Optional[dict[str, Any]] = None) -> None:
         if not name_or_path:
             raise ConfigError(f"model=hf needs model.name_or_path: a local model folder, a .gguf "
                               f"file, a hub id, or {SMOLLM2_PRESET}")
@@ -430,11 +437,19 @@ class HFModel:
         self.name_or_path, self.pretrained, self.dtype = str(name_or_path), bool(pretrained), dtype
         self.attn_implementation, self.gguf_file = attn_implementation, gguf_file
         self.config = load_config(self.name_or_path, gguf_file)
+        overrides = dict(config_overrides or {})
+        unknown = [k for k in overrides if not hasattr(self.config, k)]
+        if unknown:
+            raise ConfigError(f"model.config_overrides.{unknown[0]} is not a field of {self.name_or_path}'s "
+                              f"{type(self.config).__name__}; use its config.json keys, e.g. num_hidden_layers")
+        self.config.update(overrides)  # load_config gave this spec its own copy
+        self.config_overrides = overrides
         self._family: Optional[str] = None
 
     def __repr__(self) -> str:
+        extra = f", config_overrides={self.config_overrides}" if self.config_overrides else ""
         return (f"HFModel({self.name_or_path!r}, pretrained={self.pretrained}, dtype={self.dtype}, "
-                f"attn_implementation={self.attn_implementation})")
+                f"attn_implementation={self.attn_implementation}{extra})")
 
     @property
     def vocab_size(self) -> int:
@@ -477,7 +492,7 @@ class HFModel:
             raise ConfigError(f"data.seq_len={block_size} exceeds the {self.max_positions} positions "
                               f"{self.name_or_path} was built for; lower data.seq_len")
         lm = load_causal_lm(self.name_or_path, self.pretrained, self.dtype, self.attn_implementation,
-                            self.gguf_file)
+                            self.gguf_file, config_overrides=self.config_overrides)
         return CausalLM(lm, tokenizer=self.tokenizer_config()["name"])
 
 
