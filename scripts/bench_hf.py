@@ -71,7 +71,7 @@ def run_tfx(args, lora: bool):
 
     overrides = []
     if lora:
-        overrides = ["+compression=lora"] + [
+        overrides = ["compression=lora"] + [
             f"compression.lora.{k}={json.dumps(v) if isinstance(v, list) else v}".replace('"', "")
             for k, v in LORA.items()]
     job = build(_cfg(args, *overrides), tempfile.mkdtemp())

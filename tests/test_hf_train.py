@@ -26,7 +26,7 @@ from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
 from tfx.data import prepare_data, to_data_config  # noqa: E402
 from tfx.data.pack import cache_path  # noqa: E402
-from tfx.model import CausalLM, HFModel, count_params, export_hf  # noqa: E402
+from tfx.model import CausalLM, HFModel, export_hf  # noqa: E402
 from tfx.model.anatomy import anatomy_of  # noqa: E402
 from tfx.model.hf import ensure_smollm2, load_tokenizer  # noqa: E402
 from tfx.train.build import build, config_dict  # noqa: E402
