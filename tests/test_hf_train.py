@@ -440,3 +440,23 @@ def test_smollm2_perplexity_far_below_a_random_copy(smollm2, tmp_path):
         ppl[pretrained] = result["val_ppl"]
     print(f"SmolLM2 on held-out Shakespeare plays: ppl {ppl[True]:.1f}, random copy {ppl[False]:.0f}")
     assert ppl[True] < 100 and ppl[False] > 10_000
+
+
+@pytest.mark.slow
+def test_smollm2_structured_prune_export_reload(smollm2, tmp_path):
+    """The real model: whole KV groups (with their query heads) and MLP neurons removed,
+    saved with save_pretrained, reloaded by transformers alone with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tfx.ckpt import load_run
+
+    summary = train(smollm2_cfg(smollm2, "compression=structured", "compression.structured.head_ratio=0.34",
+                                "trainer.max_steps=0", "trainer.final_eval_batches=2"), tmp_path)
+    assert "hf_model_skipped" not in summary and math.isfinite(summary["val_loss"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model").eval()
+    cfg = reloaded.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (6, 2) and cfg.intermediate_size == 1152
+    model, _ = load_run(tmp_path)
+    x = torch.randint(0, 49152, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model.eval()(x), atol=1e-4, rtol=1e-4)
