@@ -76,3 +76,32 @@ class GradRecorder(Technique):
 def clean(name):
     """Parameter name without wrapper prefixes (checkpointing, compile)."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def one_line(err) -> str:
+    """The message of a ``pytest.raises`` result, asserted to be one non-empty line."""
+    msg = str(err.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama in SmolLM2's shape, saved as an HF folder (tests/hf_utils.py)."""
+    pytest.importorskip("transformers")
+    from hf_utils import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def hf_data(llama_dir, _isolated_env):
+    """The pydocs data tokenized with the tiny Llama's own tokenizer."""
+    from hf_utils import hf_cfg
+
+    from tfx.config import model_spec, use_model_tokenizer
+    from tfx.data import prepare_data
+
+    cfg = hf_cfg(llama_dir)
+    use_model_tokenizer(cfg, model_spec(cfg))
+    return prepare_data(cfg.data)

@@ -4,12 +4,17 @@ small byte-level BPE tokenizer to a folder that ``model=hf model.name_or_path=..
 loads, and configs composed for it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+#: the user's tfx cache, where the converted SmolLM2 folder lives between sessions (the
+#: tests' own TFX_CACHE_DIR is a fresh temporary folder)
+USER_CACHE = Path(os.path.expanduser(os.environ.get("TFX_MODEL_CACHE") or os.environ.get("TFX_CACHE_DIR")
+                                     or "~/.cache/tfx"))
 
 # TINY of conftest without model=tiny: every HF training test starts from these.
 HF_TINY = ["data=pydocs", "data.seq_len=32", "trainer.batch_size=4", "trainer.max_steps=4",

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_utils import hf_cfg, save_tiny_llama, tiny_llama_config, tiny_tokenizer  # noqa: E402
+from conftest import one_line  # noqa: E402
 from tfx.compression.distill import Distillation, kd_vocab  # noqa: E402
 from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
@@ -23,12 +24,6 @@ from tfx.model import CausalLM, HFModel  # noqa: E402
 from tfx.train.build import build  # noqa: E402
 
 KD = ["compression=[distill]", "compression.distill.alpha=0.3", "compression.distill.temperature=2.5"]
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY, run_cli, tiny
 from tfx.core import ConfigError

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import GradRecorder  # noqa: E402
 from hf_utils import hf_cfg, save_tiny_llama, tiny_llama_config  # noqa: E402
+from conftest import one_line  # noqa: E402
 from tfx.attention import (BlockSparseAttention, FixedBlockSparse, GlobalLocal, GlobalLocalAttention,  # noqa: E402
                            SlidingWindow, SlidingWindowAttention, apply_sparse_attention, make_kernel)
 from tfx.core import ConfigError, Plan, RunContext  # noqa: E402
@@ -42,12 +43,6 @@ def definition_mask(pattern, T: int) -> torch.Tensor:
             return i // pattern.block == j // pattern.block or j % pattern.stride == pattern.stride - 1
         return i - j < pattern.window or j < pattern.n_global or i < pattern.n_global
     return torch.tensor([[allowed(i, j) for j in range(T)] for i in range(T)])
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 def tiny_llama():

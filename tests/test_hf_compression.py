@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import tiny as tiny_gpt_cfg  # noqa: E402
 from hf_utils import hf_cfg, save_tiny_gpt2, save_tiny_llama, tiny_llama_config  # noqa: E402
+from conftest import one_line  # noqa: E402
 from tfx.compression import (LowRank, MagnitudePruning, NMPruning, PostTrainingQuant, QAT,  # noqa: E402
                              StructuredPruning, apply_lowrank, load_compressed_state, load_sparse,
                              magnitude_prune, make_permanent, nm_prune, quantize_model, save_sparse,
@@ -75,12 +76,6 @@ X = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 def logits(model, x=X):
     with torch.no_grad():
         return model.eval()(x)
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import hf_utils  # noqa: E402
+from conftest import one_line  # noqa: E402
 from tfx.core.errors import ConfigError, DataError  # noqa: E402
 from tfx.data.config import TokenizerConfig  # noqa: E402
 from tfx.data.tokenizer import (build_tokenizer, load_tokenizer as load_tfx_tokenizer,  # noqa: E402
@@ -59,12 +60,6 @@ def tiny_gpt():
 def tiny_tokenizer(vocab_size: int = 280, text: str = "the quick brown fox jumps over the lazy dog"):
     """A small byte-level BPE wrapped as an HF fast tokenizer (what from_pretrained returns)."""
     return hf_utils.tiny_tokenizer(vocab_size, text)
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 # --- anatomy ---------------------------------------------------------------------

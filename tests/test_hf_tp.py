@@ -19,18 +19,13 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from hf_utils import tiny_llama_config  # noqa: E402
+from conftest import one_line  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
 
 #: (sequence_parallel, loss_parallel, sparse attention or None)
 CASES = {"sp_lp": (True, True, None), "plain": (False, False, None),
          "sp_lp_sliding_window": (True, True, "sliding_window")}
 WORLD = 2
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 def _model(attention):

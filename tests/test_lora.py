@@ -20,12 +20,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from conftest import GradRecorder, clean, tiny  # noqa: E402
-from hf_utils import hf_cfg, save_tiny_gpt2, save_tiny_llama  # noqa: E402
+from conftest import GradRecorder, clean, one_line, tiny  # noqa: E402
+from hf_utils import USER_CACHE, hf_cfg, save_tiny_gpt2  # noqa: E402
 from tfx.compression import LoRA, MagnitudePruning, apply_lora  # noqa: E402
-from tfx.config import model_spec, use_model_tokenizer  # noqa: E402
 from tfx.core import ConfigError, Plan  # noqa: E402
-from tfx.data import prepare_data  # noqa: E402
 from tfx.model import GPTConfig, HFModel, count_params  # noqa: E402
 from tfx.train.build import build  # noqa: E402
 from tfx.train.run import train  # noqa: E402
@@ -33,28 +31,6 @@ from tfx.train.run import train  # noqa: E402
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LLAMA_ARG = f"compression.lora.target_modules=[{','.join(ALL_LLAMA)}]"
 # read at import (collection), before conftest points TFX_CACHE_DIR at a temp dir
-_USER_CACHE = Path(os.path.expanduser(os.environ.get("TFX_MODEL_CACHE") or os.environ.get("TFX_CACHE_DIR")
-                                      or "~/.cache/tfx"))
-
-
-def one_line(err) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, msg
-    return msg
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def hf_data(llama_dir, _isolated_env):
-    cfg = hf_cfg(llama_dir)
-    use_model_tokenizer(cfg, model_spec(cfg))
-    return prepare_data(cfg.data)
-
-
 def lora_cfg(llama_dir, *extra, run_dir=None):
     return hf_cfg(llama_dir, "compression=lora", "compression.lora.rank=4", *extra, run_dir=run_dir)
 
@@ -352,8 +328,8 @@ def test_smollm2_lora_step(tmp_path, _isolated_env):
 
     from tfx.model.hf import ensure_smollm2
 
-    folder = ensure_smollm2(_USER_CACHE)
-    raw = _USER_CACHE / "raw" / "shakespeare"
+    folder = ensure_smollm2(USER_CACHE)
+    raw = USER_CACHE / "raw" / "shakespeare"
     mine = Path(os.environ["TFX_CACHE_DIR"]) / "raw" / "shakespeare"
     if (raw / "texts").is_dir() and not mine.exists():
         shutil.copytree(raw, mine)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import unwrap
+from tfx.compression._common import strip_wrappers, unwrap
 from tfx.compression.oneshot.gptq import GPTQCompressor, check_quant_args, rtn_quantize
 from tfx.compression.oneshot.sequential import calibration_batches, compress_sequential
 from tfx.compression.oneshot.sparsegpt import SparseGPTCompressor
@@ -104,16 +104,8 @@ def max_positions(model: nn.Module) -> Optional[int]:
     return int(value) if value else None
 
 
-def saved_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP / torch.compile wrappers but *with* tfx's wrapper of a
-    Hugging Face model, i.e. the module the build order builds: exports are written
-    with its state-dict keys, so a freshly built model loads them."""
-    while True:
-        inner = getattr(model, "module", None)
-        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+#: the module exports are written from (DDP/compile unwrapped, tfx's HF wrapper kept)
+saved_model = strip_wrappers
 
 
 def _prefix_of(outer: nn.Module, inner: nn.Module) -> str:
