@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import TINY, run_cli
 
 
@@ -50,6 +52,23 @@ def test_user_errors_are_one_line(tmp_path):
 
     res = run_cli(["evaluate.py", f"run={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'e'}"])
     assert res.returncode == 2 and "no checkpoint found" in res.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=lots", "error: Error merging override trainer.max_steps=lots (Value 'lots' of type "
+                               "'str' could not be converted to Integer)"),
+    ("trainer.max_stepz=5", "error: Could not override 'trainer.max_stepz'."),
+    ("precision=bf17", "error: In 'train': Could not find 'precision/bf17'; choose one of "
+                       "['bf16', 'fp16', 'fp32', 'fp8']"),
+    ("trainer.target_loss=abc", "error: Error merging override trainer.target_loss=abc"),
+    ("optim.betas=[0.9", "error: cannot parse the override 'optim.betas=[0.9': no viable alternative"),
+])
+def test_train_composition_errors_are_one_line_exit_2(override, message, tmp_path):
+    """Hydra answers these in several lines with exit 1; train.py's preflight in one."""
+    res = run_cli(["train.py", override, f"hydra.run.dir={tmp_path / 'run'}"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_reports_exported_compression_variants(tmp_path, pydocs_data):

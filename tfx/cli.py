@@ -72,9 +72,29 @@ def check_group_overrides(args, conf_dir) -> None:
 
 
 def preflight(args, conf_dir) -> None:
-    """Checks of the command line Hydra would answer with a traceback (train.py)."""
+    """train.py's command line, checked before Hydra starts: overrides that do not parse,
+    misspelled keys, wrong types and unknown options (which Hydra reports in several
+    lines, exit 1) become one ``error:`` line, exit 2. Flags (``-m``, ``--cfg ...``) leave
+    the composition to Hydra (a sweep's comma lists are not one config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         check_group_overrides(args, conf_dir)
+        if any(a.startswith("-") for a in args):
+            return
+        parser = OverridesParser.create()
+        for arg in args:
+            try:
+                parser.parse_override(arg)
+            except HydraException as err:
+                raise ConfigError(f"cannot parse the override {arg!r}: {_hydra_error(err)}") from None
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+                compose("train", overrides=list(args), return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise _hydra_error(err) from None
     except TfxError as err:
         fail(err)
 
@@ -133,7 +153,7 @@ def _hydra_error(err: Exception) -> ConfigError:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = lines[0] if lines else type(err).__name__
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
+    if cause is not None and str(cause).strip() not in ("", "None"):
         text += f" ({str(cause).strip().splitlines()[0]})"
     options = getattr(err, "options", None)
     if options:
