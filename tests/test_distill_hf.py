@@ -217,3 +217,11 @@ def test_kd_vocab_widths():
     with pytest.raises(ConfigError, match="vocab_size=320"):
         kd_vocab(320, 290, data_vocab=300)  # the student cannot predict every data token
 
+
+
+def test_tensor_parallel_is_refused():
+    from tfx.parallel import TensorParallel
+
+    with pytest.raises(ConfigError, match="tensor parallel shards the logits") as err:
+        Distillation(teacher="outputs/big").validate(Plan([TensorParallel()], world_size=2, max_steps=8))
+    one_line(err)

@@ -271,6 +271,11 @@ class Distillation(Technique):
             raise ConfigError(f"compression=distill needs the student's whole logits in one forward, "
                               f"but {owner.key} runs the forward itself (pipeline stages); use "
                               f"parallel=ddp or fsdp")
+        sharded = [t.key for t in getattr(plan, "techniques", []) if t.stage == Stage.TENSOR]
+        if sharded:  # loss parallel leaves the logits sharded over the vocabulary
+            raise ConfigError(f"compression=distill with {sharded} is not supported (tensor parallel "
+                              f"shards the logits over the vocabulary; the KD softmax needs them whole); "
+                              f"use parallel=ddp or fsdp")
         max_steps = getattr(plan, "max_steps", None)
         step = resolve_step(self.warmup, max_steps, "compression.distill.warmup")
         check_within("compression.distill.warmup", step, max_steps)
