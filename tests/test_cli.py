@@ -71,6 +71,21 @@ def test_train_composition_errors_are_one_line_exit_2(override, message, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_exported_variants_keep_the_runs_sparse_attention(tmp_path, pydocs_data):
+    """A variant rebuilt from an exported file gets the run's attention kernel: with the
+    pruned weights round-tripped exactly, its loss equals the run's."""
+    from conftest import tiny
+    from tfx.eval_run import evaluate_run
+    from tfx.train.run import train
+
+    cfg = tiny("trainer.max_steps=2", "attention=sliding_window", "attention.window=8",
+               "compression=[prune]", "compression.prune.schedule=oneshot", "compression.prune.sparsity=0.5")
+    train(cfg, tmp_path, data=pydocs_data)
+    result = evaluate_run(str(tmp_path), batch_size=4, max_batches=2, speed_batches=1, splits=["validation"],
+                          progress=False)
+    assert result["variants"]["sparse (model_sparse.tfxs)"]["val_loss"] == result["val_loss"]
+
+
 def test_evaluate_reports_exported_compression_variants(tmp_path, pydocs_data):
     from conftest import tiny
     from tfx.eval_run import evaluate_run

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from tfx.ckpt import find_checkpoint, load_run_with_meta
+from tfx.ckpt import find_checkpoint, load_run_with_meta, reapply_surgery
 from tfx.compression import (load_compressed, load_compressed_state, load_gptq, load_sparse,
                              make_permanent, quantize_model)
 from tfx.config import build_model, model_spec, use_model_tokenizer
@@ -157,10 +157,14 @@ def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, de
     return out
 
 
-def exported_variants(run_dir: Path, model: nn.Module, cfg, vocab_size: int) -> Dict[str, tuple]:
-    """name -> (model rebuilt from the exported file, file path)."""
+def exported_variants(run_dir: Path, model: nn.Module, cfg, vocab_size: int,
+                      meta: Optional[Dict[str, Any]] = None) -> Dict[str, tuple]:
+    """name -> (model rebuilt from the exported file, file path). The fresh model gets
+    the run's attention (sparse kernels), so a variant differs only by its weights."""
     def fresh():
-        return build_model(cfg, vocab_size, cfg.data.seq_len).to(next(model.parameters()).device)
+        base = reapply_surgery(build_model(cfg, vocab_size, cfg.data.seq_len), cfg, meta or {},
+                               groups=("attention",))
+        return base.to(next(model.parameters()).device)
 
     found: Dict[str, tuple] = {}
     for path in sorted(run_dir.glob("*.tfxs")):
@@ -209,7 +213,7 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
                               "checkpoint_bytes": _disk_bytes(ckpt)}
     run_dir = run_dir_of(ckpt)
     variants = {}
-    for name, (variant, path) in exported_variants(run_dir, model, cfg, data.vocab_size).items():
+    for name, (variant, path) in exported_variants(run_dir, model, cfg, data.vocab_size, meta).items():
         variants[name] = {**measure(variant, *args, label=f"eval {name}", progress=progress),
                           "size_on_disk_bytes": path.stat().st_size, "file": path.name}
     if variants:

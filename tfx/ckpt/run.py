@@ -91,10 +91,13 @@ def saved_structure(state: Dict[str, Any]) -> Dict[str, Any]:
     return state.get("structure", state.get("techniques", {}))
 
 
-def reapply_surgery(model: nn.Module, cfg: DictConfig, state: Dict[str, Any]) -> nn.Module:
+def reapply_surgery(model: nn.Module, cfg: DictConfig, state: Dict[str, Any],
+                    groups: Tuple[str, ...] = ("attention", "compression")) -> nn.Module:
     """Re-create a run's structural (SURGERY) changes on a fresh model, from the
-    decisions its checkpoint recorded, before its weights are loaded."""
-    techs = [t for t in build_techniques(cfg, groups=("attention", "compression"))
+    decisions its checkpoint recorded, before its weights are loaded. ``groups``:
+    which config groups' techniques (e.g. only ``attention`` for a model that
+    receives an exported compressed state dict)."""
+    techs = [t for t in build_techniques(cfg, groups=groups)
              if t.stage == Stage.SURGERY and t.reapply_on_load]
     ctx = RunContext(vocab_size=state.get("vocab_size"), tokenizer_id=state.get("tokenizer_id"),
                      resuming=True, structure=saved_structure(state))
