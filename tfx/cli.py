@@ -85,11 +85,15 @@ def preflight(args, conf_dir) -> None:
         if any(a.startswith("-") for a in args):
             return
         parser = OverridesParser.create()
+        given: Dict[str, str] = {}
         for arg in args:
             try:
-                parser.parse_override(arg)
+                key = parser.parse_override(arg).key_or_group
             except HydraException as err:
                 raise ConfigError(f"cannot parse the override {arg!r}: {_hydra_error(err)}") from None
+            if key in given:  # Hydra would silently keep the last one
+                raise ConfigError(f"{key} is given twice ({given[key]} and {arg}); give it once")
+            given[key] = arg
         try:
             with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
                 compose("train", overrides=list(args), return_hydra_config=True)
