@@ -62,7 +62,7 @@ def test_user_errors_are_one_line(tmp_path):
                        "['bf16', 'fp16', 'fp32', 'fp8']"),
     ("trainer.target_loss=abc", "error: Error merging override trainer.target_loss=abc"),
     ("optim.betas=[0.9", "error: cannot parse the override 'optim.betas=[0.9': no viable alternative"),
-    ("seed=1 seed=2", "error: seed is given twice (seed=1 and seed=2); give it once"),
+    ("seed=1 seed=2", "error: seed is given twice (seed=1 and seed=2); for one run per seed use -m seed=1,2"),
 ])
 def test_train_composition_errors_are_one_line_exit_2(override, message, tmp_path):
     """Hydra answers these in several lines with exit 1; train.py's preflight in one."""

@@ -91,8 +91,12 @@ def preflight(args, conf_dir) -> None:
                 key = parser.parse_override(arg).key_or_group
             except HydraException as err:
                 raise ConfigError(f"cannot parse the override {arg!r}: {_hydra_error(err)}") from None
-            if key in given:  # Hydra would silently keep the last one
-                raise ConfigError(f"{key} is given twice ({given[key]} and {arg}); give it once")
+            # seed=1 seed=2 reads like two runs but Hydra silently trains the last one. (A
+            # later override of any other key replacing an earlier one is how scripts
+            # layer settings on a base list, so only the seed is refused.)
+            if key == "seed" and key in given:
+                raise ConfigError(f"seed is given twice ({given[key]} and {arg}); for one run per "
+                                  f"seed use -m seed=1,2")
             given[key] = arg
         try:
             with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
