@@ -197,3 +197,22 @@ def test_hf_sparse_attention_counts_its_density(llama):
     per_pair = 2 * 3 * 2 * 2 * width / t                     # layers x train x (QK, AV) x MAC
     assert dense.flops_per_token(t) - sparse.flops_per_token(t) == pytest.approx(
         per_pair * (t * (t + 1) / 2 - kept))
+
+
+def test_frozen_weights_count_four_flops_and_lora_hfu_is_consistent(llama):
+    """LoRA: the frozen base weights get no weight gradient (4 FLOPs per weight, not 6);
+    the adapters count 6. Checkpointing recomputes the forward: 2 per weight either way."""
+    from tfx.compression import apply_lora
+
+    t = 32
+    full = llama()
+    lora = llama()
+    apply_lora(lora, rank=4, alpha=8, target_modules=["q_proj"])
+    base = full.flops_per_token(t)
+    d, r, layers = 48, 4, 2
+    frozen = sum(p.numel() for n, p in lora.named_parameters()
+                 if not p.requires_grad and p.dim() == 2 and "embed" not in n)  # matmul weights only
+    adapters = layers * r * (d + d)                                           # q_proj: A (r x d), B (d x r)
+    head = 320 * d  # tied head: the embedding weight is frozen too, its matmul counts 4
+    assert lora.flops_per_token(t) == pytest.approx(base - 2 * (frozen + head) + 6 * adapters)
+    assert full.flops_per_token(t, forward_only=True) == pytest.approx(base / 3)

@@ -118,7 +118,7 @@ def recompute_flops_per_token(model: nn.Module, seq_len: int, total_layers: Opti
     if fn is None or not wrapped:
         return 0.0
     layers = [w._checkpoint_wrapped_module for w in wrapped]
-    recompute = fn(seq_len, layers=layers) / 3.0
+    recompute = fn(seq_len, layers=layers, forward_only=True)
     anat = anatomy_of(model)
     if getattr(torch.utils.checkpoint, "_enable_checkpoint_early_stop", None) is not False:  # None: on
         recompute -= 2.0 * sum(_unrecomputed_tail(anat, layer) for layer in layers)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tfx.model.attention import AttentionKernel, DenseCausalAttention
+from tfx.model.size import weight_flops
 
 
 @dataclass
@@ -175,19 +176,22 @@ class GPT(nn.Module):
             n += self.head.weight.numel()  # the head matmul is real compute
         return n
 
-    def flops_per_token(self, seq_len: Optional[int] = None, layers=None) -> float:
+    def flops_per_token(self, seq_len: Optional[int] = None, layers=None, forward_only: bool = False) -> float:
         """Training FLOPs per token, forward + backward, by the formula of :mod:`tfx.flops`:
         ``6 x`` the matmul weights (every Linear of the blocks, and the head, tied or
         not) ``+ 12 x`` attention width ``x`` (query, key) pairs per sequence ``/ T``,
         per block: ``T (T + 1) / 2`` pairs for causal attention, times the density of a
         sparse kernel's pattern (``kernel.spec.density``). ``layers``: only these blocks
-        and no head (activation checkpointing recomputes a third of it)."""
+        and no head. A frozen weight (LoRA's base layers) counts 4, not 6: no weight
+        gradient. ``forward_only``: the forward alone (2 per weight, a third of the
+        attention), what activation checkpointing runs again."""
         T = seq_len or self.cfg.block_size
         blocks = self.blocks() if layers is None else list(layers)
         modules = [m for b in blocks for m in b.modules()]
         if layers is None and self.head is not None:
             modules.append(self.head)
-        weights = sum(m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
+        weights = sum(m.in_features * m.out_features * weight_flops(m, forward_only)
+                      for m in modules if isinstance(m, nn.Linear))
         attention, density = 0.0, {}
         for block in blocks:
             kernel = block.attn.kernel
@@ -197,7 +201,7 @@ class GPT(nn.Module):
                 spec = getattr(kernel, "spec", None)
                 density[id(kernel)] = spec.density(T) if spec is not None else 1.0
             attention += 12.0 * width * (T + 1) / 2 * density[id(kernel)]
-        return 6.0 * weights + attention
+        return weights + (attention / 3 if forward_only else attention)
 
     def blocks(self):
         return list(self.layers.values())

