@@ -352,18 +352,25 @@ def _quiet():
             hf_logging.enable_progress_bar()
 
 
+def _from_source(from_pretrained, name_or_path: str, gguf_file: Optional[str],
+                 cache_dir: str | Path | None):
+    """``from_pretrained(folder, **source)`` for the model ``name_or_path`` names,
+    resolved as :func:`load_causal_lm` resolves it; a failure to find or read it is a
+    one-line :class:`ConfigError`."""
+    folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
+    try:
+        return from_pretrained(folder, **_source_kwargs(folder, gguf, is_local))
+    except _hub_errors() as err:
+        raise _load_error(str(name_or_path), is_local, err) from err
+
+
 def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None,
                    cache_dir: str | Path | None = None):
     """The fast (``tokenizers``-backed) HF tokenizer of the model ``name_or_path``
     names, resolved exactly as :func:`load_causal_lm` resolves it."""
-    folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
-    source = _source_kwargs(folder, gguf, is_local)
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, **source)
-    except _hub_errors() as err:
-        raise _load_error(str(name_or_path), is_local, err) from err
+    tok = _from_source(AutoTokenizer.from_pretrained, name_or_path, gguf_file, cache_dir)
     if getattr(tok, "backend_tokenizer", None) is None:
         raise ConfigError(f"the tokenizer of {name_or_path!r} has no fast (tokenizers) version")
     return tok
@@ -393,14 +400,9 @@ def load_config(name_or_path: str, gguf_file: Optional[str] = None,
                 cache_dir: str | Path | None = None):
     """The ``transformers`` config of the model ``name_or_path`` names (no weights are
     read), resolved as :func:`load_causal_lm` resolves it; one-line ConfigError."""
-    folder, gguf, is_local = resolve(name_or_path, gguf_file, cache_dir)
-    source = _source_kwargs(folder, gguf, is_local)
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(folder, **source)
-    except _hub_errors() as err:
-        raise _load_error(str(name_or_path), is_local, err) from err
+    config = _from_source(AutoConfig.from_pretrained, name_or_path, gguf_file, cache_dir)
     if hasattr(config, "quantization_config"):  # a GGUF config: the weights load as floats
         del config.quantization_config
     return config
