@@ -105,3 +105,30 @@ def hf_data(llama_dir, _isolated_env):
     cfg = hf_cfg(llama_dir)
     use_model_tokenizer(cfg, model_spec(cfg))
     return prepare_data(cfg.data)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads on a shared 2-core box (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; module-scoped, since a
+    per-test switch costs more than it saves)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pattern_allows(pattern, i: int, j: int) -> bool:
+    """May query ``i`` attend to key ``j``: the sparse patterns' definitions, written
+    independently of their ``mask_mod``."""
+    from tfx.attention.patterns import FixedBlockSparse, SlidingWindow
+
+    if j > i:
+        return False
+    if isinstance(pattern, SlidingWindow):
+        return i - j < pattern.window
+    if isinstance(pattern, FixedBlockSparse):
+        return i // pattern.block == j // pattern.block or j % pattern.stride == pattern.stride - 1
+    return i - j < pattern.window or j < pattern.n_global or i < pattern.n_global

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import pattern_allows
 from tfx.attention import (BlockedSparseKernel, BlockSparseAttention, FixedBlockSparse, GlobalLocal,
                            GlobalLocalAttention, SlidingWindow, SlidingWindowAttention,
                            apply_sparse_attention, make_kernel)
@@ -24,17 +25,6 @@ PATTERNS = {
 }
 
 
-def brute_force(pattern, i, j):
-    """The patterns' definitions, written independently of ``mask_mod``."""
-    if j > i:
-        return False
-    if isinstance(pattern, SlidingWindow):
-        return i - j < pattern.window
-    if isinstance(pattern, FixedBlockSparse):
-        return i // pattern.block == j // pattern.block or j % pattern.stride == pattern.stride - 1
-    return i - j < pattern.window or j < pattern.n_global or i < pattern.n_global
-
-
 def qkv(T, B=2, H=2, D=8, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(T)
     return [torch.randn(B, H, T, D, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
@@ -49,7 +39,7 @@ def out_and_grads(fn, q, k, v):
 @pytest.mark.parametrize("name", PATTERNS)
 def test_mask_matches_definition(name):
     pattern, T = PATTERNS[name], 40
-    expected = torch.tensor([[brute_force(pattern, i, j) for j in range(T)] for i in range(T)])
+    expected = torch.tensor([[pattern_allows(pattern, i, j) for j in range(T)] for i in range(T)])
     assert torch.equal(pattern.mask(T), expected)
     assert pattern.mask(T).diagonal().all()  # no empty rows
 

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import GradRecorder  # noqa: E402
+from conftest import GradRecorder, one_line, pattern_allows  # noqa: E402
 from hf_utils import hf_cfg, save_tiny_llama, tiny_llama_config  # noqa: E402
-from conftest import one_line  # noqa: E402
 from tfx.attention import (BlockSparseAttention, FixedBlockSparse, GlobalLocal, GlobalLocalAttention,  # noqa: E402
                            SlidingWindow, SlidingWindowAttention, apply_sparse_attention, make_kernel)
 from tfx.core import ConfigError, Plan, RunContext  # noqa: E402
@@ -34,15 +33,7 @@ TECHNIQUES = {"sliding_window": SlidingWindowAttention(window=7, tile=TILE),
 
 def definition_mask(pattern, T: int) -> torch.Tensor:
     """(T, T) bool, True = attend, from each pattern's definition (not its mask_mod)."""
-    def allowed(i, j):
-        if j > i:
-            return False
-        if isinstance(pattern, SlidingWindow):
-            return i - j < pattern.window
-        if isinstance(pattern, FixedBlockSparse):
-            return i // pattern.block == j // pattern.block or j % pattern.stride == pattern.stride - 1
-        return i - j < pattern.window or j < pattern.n_global or i < pattern.n_global
-    return torch.tensor([[allowed(i, j) for j in range(T)] for i in range(T)])
+    return torch.tensor([[pattern_allows(pattern, i, j) for j in range(T)] for i in range(T)])
 
 
 def tiny_llama():

@@ -37,12 +37,7 @@ from tfx.model.anatomy import anatomy_of, spec_block_linears, unwrap  # noqa: E4
 VOCAB = 320
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scaled(lm, scale=8.0):
