@@ -50,30 +50,46 @@ parts. ``adamw_lr``/``adamw_weight_decay`` left null take ``lr``/``weight_decay`
 default job (60-step runs at 4e-3, 8e-3, 1.6e-2: 5.09, 5.02, 5.02 val loss; AdamW's 1e-3
 gave 5.83 and 4e-3 6.07).
 
-Exactness: the update of given gradients is deterministic, so resume is bitwise. But
-torch's Muon runs Newton-Schulz in bfloat16, which turns float32 round-off in the
-gradients (another accumulation split, DDP's all-reduce order) into ~1% of an update
-(3% after four steps); with a float32 Newton-Schulz the same comparisons agree to
-float32 round-off (tests/test_muon.py measures both).
+Newton-Schulz precision (``ns_dtype``): torch's Muon runs its iterations in bfloat16,
+right for GPUs. On a CPU without native bf16 that is ruinous: measured for one
+``model=small`` layer (1 thread), 12.6 ms with AMX, 152 ms with AVX-512 and 1,596 ms with
+AVX2 (``ONEDNN_MAX_CPU_ISA``), against ~40 ms in float32 on either. So ``ns_dtype=auto``
+(the default) runs it in float32 on the CPU and in bfloat16 elsewhere; ``float32`` and
+``bfloat16`` force one. float32 is torch's own iteration (:func:`newton_schulz_float32`)
+put in place of ``torch.optim._muon._zeropower_via_newtonschulz`` only while this
+optimizer's Muon part steps, because torch's Muon has no precision argument.
+
+Exactness: the update of given gradients is deterministic, so resume is bitwise. With
+a float32 Newton-Schulz, float32 round-off in the gradients (another accumulation split,
+DDP's all-reduce order) stays float32 round-off in the weights; bfloat16 turns it into
+~1% of an update (3% after four steps). tests/test_muon.py measures both.
 
 Parallelism: single process, DDP (gradients are all-reduced before the step, every
 rank applies the same update; sharded checkpoints go through DCP's
-``get_state_dict(model, optimizer)``, which keys the one ``state`` by parameter name)
-and pipeline parallel (each stage holds whole matrices; checked by hand, not in the
-tests). FSDP and tensor parallel shard the matrices, and Newton-Schulz needs whole
-matrices: the factory refuses DTensor parameters with a :class:`~tfx.core.ConfigError`.
+``get_state_dict(model, optimizer)``, which keys the one ``state`` by parameter name),
+pipeline parallel (each stage holds whole matrices), and FSDP2, tensor parallel and
+FSDP+TP: there the parameters, gradients and momentum buffers are DTensors, and
+torch's Newton-Schulz runs on them unchanged: DTensor's sharding propagation gathers
+what each matmul needs, so every rank computes the update of the whole matrix and keeps
+its shard (the communication of ~3 all-gathers per iteration per matrix, the price of
+Newton-Schulz needing the whole matrix; torch's Muon has no sharded variant). With a
+float32 Newton-Schulz the sharded update equals one process's to float32 round-off
+(tests/test_muon.py, FSDP2 and TP on 2 gloo ranks).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, List, Optional, Tuple
 
 import torch
+import torch.optim._muon as _torch_muon
 from torch import nn
 
 from tfx.core import ConfigError
 from tfx.optim import check_betas, check_range
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+NS_DTYPES = ("auto", "float32", "bfloat16")
 HEAD_NAMES = ("head", "lm_head", "output")
 
 
@@ -122,6 +138,32 @@ def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
     return hidden, matrices, vectors
 
 
+# -- Newton-Schulz in float32 ------------------------------------------------------------
+def newton_schulz_float32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch's Muon orthogonalisation (``torch/optim/_muon.py``: Keller Jordan's quintic
+    iteration, the same coefficients and steps) computed in float32 instead of bfloat16."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = grad.size(0) > grad.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+@contextlib.contextmanager
+def _float32_newton_schulz():
+    """torch's Muon calls the module-level ``_zeropower_via_newtonschulz`` at step time."""
+    original = _torch_muon._zeropower_via_newtonschulz
+    _torch_muon._zeropower_via_newtonschulz = newton_schulz_float32
+    try:
+        yield
+    finally:
+        _torch_muon._zeropower_via_newtonschulz = original
+
+
 # -- the combined optimizer ------------------------------------------------------------
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer over Muon groups and AdamW groups (see the module docstring).
@@ -131,7 +173,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
     ALGORITHMS = ("muon", "adamw")
 
-    def __init__(self, groups: List[dict], muon_defaults: dict, adamw_defaults: dict) -> None:
+    def __init__(self, groups: List[dict], muon_defaults: dict, adamw_defaults: dict,
+                 ns_dtype: str = "auto") -> None:
+        if ns_dtype not in NS_DTYPES:
+            raise ConfigError(f"optim.ns_dtype={ns_dtype!r}; choose one of {list(NS_DTYPES)}")
+        if not hasattr(_torch_muon, "_zeropower_via_newtonschulz"):  # pragma: no cover
+            raise ConfigError("optim=muon: this torch has no torch.optim._muon._zeropower_via_newtonschulz "
+                              "(tfx runs it in float32 on CPUs); use the torch in requirements.txt")
+        self.ns_dtype = ns_dtype
         groups = [g for g in groups if len(g["params"])]
         if not groups:
             raise ConfigError("optim=muon: the model has no trainable parameters")
@@ -186,16 +235,25 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for inner in self._inner.values():
-            inner.step()
+        for algo, inner in self._inner.items():
+            with _float32_newton_schulz() if algo == "muon" and self._float32() else contextlib.nullcontext():
+                inner.step()
         return loss
+
+    def _float32(self) -> bool:
+        """Newton-Schulz in float32: ``ns_dtype=float32``, or ``auto`` on the CPU."""
+        if self.ns_dtype != "auto":
+            return self.ns_dtype == "float32"
+        devices = {p.device.type for g in self._inner["muon"].param_groups for p in g["params"]}
+        return devices <= {"cpu", "meta"}
 
 
 # -- the ``optim`` group's factory -----------------------------------------------------
 def muon(model: nn.Module, lr: float = 8e-3, momentum: float = 0.95, nesterov: bool = True,
          ns_steps: int = 5, weight_decay: float = 0.1, adjust_lr_fn: str = "match_rms_adamw",
          adamw_lr: Optional[float] = None, adamw_betas: Iterable[float] = (0.9, 0.95),
-         adamw_eps: float = 1e-8, adamw_weight_decay: Optional[float] = None) -> MuonAdamW:
+         adamw_eps: float = 1e-8, adamw_weight_decay: Optional[float] = None,
+         ns_dtype: str = "auto") -> MuonAdamW:
     """Muon on the hidden matrices, AdamW on the rest (``conf/optim/muon.yaml``)."""
     check_range("lr", lr, 0, low_open=True)
     check_range("weight_decay", weight_decay, 0)
@@ -212,9 +270,6 @@ def muon(model: nn.Module, lr: float = 8e-3, momentum: float = 0.95, nesterov: b
         raise ConfigError(f"optim.adjust_lr_fn={adjust_lr_fn!r}; choose one of {list(ADJUST_LR_FNS)}")
     betas = check_betas("adamw_betas", adamw_betas)
     check_range("adamw_eps", adamw_eps, 0, low_open=True)
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        raise ConfigError("optim=muon needs whole matrices for Newton-Schulz; sharded parameters "
-                          "(parallel=fsdp/tp/fsdp_tp) are not supported: use parallel=ddp or single")
 
     hidden, matrices, vectors = split_parameters(model)
     groups = [{"params": hidden, "algorithm": "muon", "lr": lr, "weight_decay": weight_decay},
@@ -224,4 +279,5 @@ def muon(model: nn.Module, lr: float = 8e-3, momentum: float = 0.95, nesterov: b
         groups,
         muon_defaults=dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                            ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn),
-        adamw_defaults=dict(lr=adamw_lr, betas=betas, eps=adamw_eps, weight_decay=adamw_weight_decay))
+        adamw_defaults=dict(lr=adamw_lr, betas=betas, eps=adamw_eps, weight_decay=adamw_weight_decay),
+        ns_dtype=ns_dtype)
