@@ -216,3 +216,19 @@ def test_frozen_weights_count_four_flops_and_lora_hfu_is_consistent(llama):
     head = 320 * d  # tied head: the embedding weight is frozen too, its matmul counts 4
     assert lora.flops_per_token(t) == pytest.approx(base - 2 * (frozen + head) + 6 * adapters)
     assert full.flops_per_token(t, forward_only=True) == pytest.approx(base / 3)
+
+
+def test_cpu_peak_remeasured_at_the_end_keeps_the_higher(monkeypatch):
+    """A first probe taken under load (too low a peak, MFU over 100%) is replaced by the
+    end-of-run probe when that one is higher; never lowered; table peaks untouched."""
+    import tfx.flops as flops_mod
+
+    probes = iter([3e11, 1e11])
+    monkeypatch.setattr(flops_mod.measure_matmul_flops, "__wrapped__", lambda dtype: next(probes))
+    low = Flops(per_token=1e6, hardware_per_token=1e6, peak=1e11,
+                peak_source="measured: fp32 1024x1024 GEMM, best of 3 x 0.1 s, 2 threads")
+    again = low.remeasured()
+    assert again.peak == 3e11 and again.utilization(1e5)["mfu"] == pytest.approx(1e11 / 3e11)
+    assert again.remeasured().peak == 3e11  # the next probe (1e11) is lower: kept
+    given = Flops(per_token=1e6, hardware_per_token=1e6, peak=1e11, peak_source="trainer.peak_tflops=0.1")
+    assert given.remeasured() is given

@@ -113,8 +113,9 @@ def _finish(job: Job, result: Dict[str, Any], run_name, wall_s: float) -> Dict[s
         "run_dir": str(job.run_dir),
     }
     if trainer.flops is not None:
-        summary.update(trainer.flops.summary())
-        summary.update(trainer.flops.utilization(tps))
+        flops = trainer.flops.remeasured() if ctx.is_main else trainer.flops  # best of start and end
+        summary.update(flops.summary())
+        summary.update(flops.utilization(tps))
     if ctx.is_main and result["stop_reason"] != "signal":  # an interrupted run is not exported
         summary.update(job.pipeline.export(job.model, job.run_dir, ctx))
         summary.update(export_hf(job.model, job.run_dir))  # HF models: hf_model/ (save_pretrained)
