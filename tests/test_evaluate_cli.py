@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CONF, ROOT, run_cli, tiny
 
@@ -120,6 +121,23 @@ def test_n_batches_matches_eval_batches(pydocs_data):
             sum(1 for _ in eval_batches(blocks, batch_size, max_batches))
 
 
+def test_compile_times_a_compiled_model_and_keeps_eager_quality(run_dir, tmp_path):
+    """compile=true: the speed comes from torch.compile(model) (its forward runs compiled
+    code), the quality numbers are the eager ones, eval.json says which."""
+    from tfx.eval_run import evaluate_run
+
+    kwargs = dict(batch_size=BATCH, max_batches=MAX_BATCHES, speed_batches=1, splits=["validation"],
+                  progress=False)
+    eager = evaluate_run(str(run_dir), out=str(tmp_path / "eager"), **kwargs)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = evaluate_run(str(run_dir), out=str(tmp_path / "compiled"), compile=True, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # something was compiled
+    assert eager["compiled"] is False and compiled["compiled"] is True
+    assert compiled["val_loss"] == eager["val_loss"] and compiled["val_tokens"] == eager["val_tokens"]
+    assert compiled["inference_tokens_per_sec"] > 0
+
+
 # -- bad input: one line, exit 2, nothing written ---------------------------------------
 
 def preflight(args, capsys):
@@ -144,12 +162,14 @@ def preflight(args, capsys):
     (["splits=[test,test]"], "error: splits=['test', 'test'] must be a non-empty list"),
     (["device=xyz"], "error: device='xyz' is not a device"),
     (["progress=maybe"], "error: progress='maybe' must be true or false"),
+    (["compile=1"], "error: compile=1 must be true or false"),
     (["foo=1"], "error: Could not override 'foo'."),
     (["+foo=1"], "error: unknown key(s) ['foo']"),
     (["batch_size=["], "error: cannot parse the override 'batch_size=['"),
     (["model=nonexistent"], "error: In 'evaluate': Could not find 'model/nonexistent'; choose one of"),
     (["run=a,b"], "error: Ambiguous value for argument 'run=a,b'"),
     (["data=pydocs"], "error: data=pydocs does not apply to run="),
+    (["optim=sgd"], "error: optim=sgd does not apply to evaluate.py"),
     (["model=smollm2"], "error: give run=<run directory> or model=<pretrained model>, not both"),
 ])
 def test_bad_values_and_overrides(args, expected, run_dir, tmp_path, capsys):

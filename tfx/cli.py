@@ -153,7 +153,8 @@ def train_job(cfg: DictConfig) -> float:
 
 
 #: evaluate.py's keys (conf/evaluate.yaml) besides the model and data groups
-EVALUATE_KEYS = ("run", "out", "batch_size", "speed_batches", "max_batches", "device", "splits", "progress")
+EVALUATE_KEYS = ("run", "out", "batch_size", "speed_batches", "max_batches", "device", "splits", "progress",
+                 "compile")
 
 
 def _hydra_error(err: Exception) -> ConfigError:
@@ -173,13 +174,18 @@ def check_evaluate_config(cfg: DictConfig, overrides=()) -> None:
     """What evaluate.py is asked to do, checked before anything is loaded or written:
     evaluate.py's own keys (:func:`tfx.eval_run.check_args`), run= or model= (one of
     them), a run that holds a checkpoint, data=... only with model=, no unknown keys."""
-    unknown = sorted(k for k in cfg if k not in EVALUATE_KEYS + ("model", "data", "hydra"))
+    # optim: in the defaults only because model=hf presets pick the training optimizer
+    unknown = sorted(k for k in cfg if k not in EVALUATE_KEYS + ("model", "data", "optim", "hydra"))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; evaluate.py takes {list(EVALUATE_KEYS)} and the "
                           f"model/data groups")
+    optim = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "optim"]
+    if optim:
+        raise ConfigError(f"{optim[0]} does not apply to evaluate.py: it trains nothing")
     run, model = cfg.get("run"), cfg.get("model")
     check_args(cfg.get("batch_size"), cfg.get("device"), cfg.get("max_batches"),
-               cfg.get("speed_batches"), cfg.get("splits"), cfg.get("out"), cfg.get("progress"))
+               cfg.get("speed_batches"), cfg.get("splits"), cfg.get("out"), cfg.get("progress"),
+               cfg.get("compile", False))
     if run and model:
         raise ConfigError("give run=<run directory> or model=<pretrained model>, not both "
                           "(a run evaluates the model it trained)")
@@ -270,7 +276,8 @@ def evaluate_job(cfg: DictConfig) -> Dict[str, Any]:
     hydra_dir = HydraConfig.get().runtime.output_dir
     kwargs = dict(batch_size=cfg.get("batch_size"), device=cfg.get("device"),
                   max_batches=cfg.get("max_batches"), speed_batches=cfg.get("speed_batches"),
-                  splits=cfg.get("splits"), progress=cfg.get("progress", True))
+                  splits=cfg.get("splits"), progress=cfg.get("progress", True),
+                  compile=cfg.get("compile", False))
     try:
         check_evaluate_config(cfg, HydraConfig.get().overrides.task)
         kwargs["splits"] = list(kwargs["splits"])

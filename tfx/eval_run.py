@@ -41,7 +41,7 @@ def _is_int(value: Any) -> bool:
 
 def check_args(batch_size: Any = 16, device: Any = "auto", max_batches: Any = None,
                speed_batches: Any = 10, splits: Any = SPLITS, out: Any = None,
-               progress: Any = True) -> None:
+               progress: Any = True, compile: Any = False) -> None:
     """evaluate.py's own keys (``conf/evaluate.yaml``): one-line :class:`ConfigError`
     naming the key, the value and what is allowed."""
     for key, value in (("batch_size", batch_size), ("speed_batches", speed_batches)):
@@ -56,8 +56,9 @@ def check_args(batch_size: Any = 16, device: Any = "auto", max_batches: Any = No
                           f"{list(SPLITS)}, e.g. splits=[validation]")
     if out is not None and (not isinstance(out, str) or not out):
         raise ConfigError(f"out={out!r} must be a directory path, or null (the run directory)")
-    if not isinstance(progress, bool):
-        raise ConfigError(f"progress={progress!r} must be true or false")
+    for key, value in (("progress", progress), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
     check_device(device)
 
 
@@ -125,9 +126,11 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, device,
             max_batches: Optional[int], speed_batches: int, splits: Sequence[str],
-            label: str = "eval", progress: bool = True) -> Dict[str, Any]:
+            label: str = "eval", progress: bool = True, compile: bool = False) -> Dict[str, Any]:
     """Loss, perplexity, bits per byte and tokens of each split, inference speed and
-    parameter count of ``model``. ``label``: the progress bar's name."""
+    parameter count of ``model``. ``label``: the progress bar's name. ``compile``: the
+    speed is timed on ``torch.compile(model)`` (compiled during the warm-up forwards, which
+    are not timed); quality is always the eager model's, so it does not depend on it."""
     blocks = {"validation": data.val, "test": data.test}
     out: Dict[str, Any] = {}
     total = sum(n_batches(len(blocks[s]), batch_size, max_batches) for s in splits)
@@ -148,8 +151,9 @@ def measure(model: nn.Module, data: TokenData, seq_len: int, batch_size: int, de
             key = SPLIT_KEYS[split]
             out[f"{key}_loss"], out[f"{key}_ppl"], out[f"{key}_bpb"] = m["loss"], m["ppl"], m["bpb"]
             out[f"{key}_tokens"] = int(tokens)
-        bar.set_postfix_str("inference speed")
-        speed = inference_speed(model, batch_size, seq_len, data.vocab_size, device, iters=speed_batches)
+        bar.set_postfix_str("inference speed" + (" (compiling)" if compile else ""))
+        timed = torch.compile(model) if compile else model
+        speed = inference_speed(timed, batch_size, seq_len, data.vocab_size, device, iters=speed_batches)
     finally:
         bar.close()
     out.update({"inference_tokens_per_sec": speed["tokens_per_sec"],
@@ -194,11 +198,11 @@ def _write(result: Dict[str, Any], path: Path) -> None:
 
 def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batches: Optional[int] = None,
                  speed_batches: int = 10, splits: Sequence[str] = SPLITS, out: Optional[str] = None,
-                 progress: bool = True) -> Dict[str, Any]:
+                 progress: bool = True, compile: bool = False) -> Dict[str, Any]:
     """Measure a run's newest checkpoint (and its exported variants); write eval.json to
     ``out`` or the run directory (:func:`eval_json_path`) and return its content."""
     start = time.perf_counter()
-    check_args(batch_size, device, max_batches, speed_batches, list(splits), out, progress)
+    check_args(batch_size, device, max_batches, speed_batches, list(splits), out, progress, compile)
     ckpt = check_run(run)
     dev = check_device(device)
     model, cfg, meta = load_run_with_meta(ckpt, device=str(dev))
@@ -207,14 +211,15 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
     args = (data, cfg.data.seq_len, batch_size, dev, max_batches, speed_batches, list(splits))
     result: Dict[str, Any] = {"checkpoint": str(ckpt), "step": meta.get("step"),
                               "data": to_data_config(cfg.data).source, "seq_len": cfg.data.seq_len,
-                              "batch_size": batch_size,
-                              **measure(model, *args, label=f"eval {ckpt.name}", progress=progress),
+                              "batch_size": batch_size, "compiled": compile,
+                              **measure(model, *args, label=f"eval {ckpt.name}", progress=progress,
+                                        compile=compile),
                               "size_on_disk_bytes": state_dict_bytes(model),
                               "checkpoint_bytes": _disk_bytes(ckpt)}
     run_dir = run_dir_of(ckpt)
     variants = {}
     for name, (variant, path) in exported_variants(run_dir, model, cfg, data.vocab_size, meta).items():
-        variants[name] = {**measure(variant, *args, label=f"eval {name}", progress=progress),
+        variants[name] = {**measure(variant, *args, label=f"eval {name}", progress=progress, compile=compile),
                           "size_on_disk_bytes": path.stat().st_size, "file": path.name}
     if variants:
         result["variants"] = variants
@@ -225,13 +230,14 @@ def evaluate_run(run: str, batch_size: int = 16, device: str = "auto", max_batch
 
 def evaluate_pretrained(cfg, out_dir, batch_size: int = 16, device: str = "auto",
                         max_batches: Optional[int] = None, speed_batches: int = 10,
-                        splits: Sequence[str] = SPLITS, progress: bool = True) -> Dict[str, Any]:
+                        splits: Sequence[str] = SPLITS, progress: bool = True,
+                        compile: bool = False) -> Dict[str, Any]:
     """Measure the model ``cfg.model`` names, as it is, on ``cfg.data`` tokenized with
     its own tokenizer (``python evaluate.py model=smollm2 [data=...]``): the same
     numbers as :func:`evaluate_run`, written to ``out_dir/eval.json``. A spec without
     weights of its own (tfx's GPT) is refused: evaluate a trained run instead."""
     start = time.perf_counter()
-    check_args(batch_size, device, max_batches, speed_batches, list(splits), None, progress)
+    check_args(batch_size, device, max_batches, speed_batches, list(splits), None, progress, compile)
     spec = model_spec(cfg)
     if not callable(getattr(spec, "tokenizer_config", None)):
         raise ConfigError(f"model={type(spec).__name__} has no pretrained weights to evaluate; "
@@ -244,8 +250,9 @@ def evaluate_pretrained(cfg, out_dir, batch_size: int = 16, device: str = "auto"
     args = (data, seq_len, batch_size, dev, max_batches, speed_batches, list(splits))
     result: Dict[str, Any] = {"model": spec.name_or_path, "pretrained": spec.pretrained,
                               "data": to_data_config(cfg.data).source, "seq_len": seq_len,
-                              "batch_size": batch_size,
-                              **measure(model, *args, label=f"eval {spec.name_or_path}", progress=progress),
+                              "batch_size": batch_size, "compiled": compile,
+                              **measure(model, *args, label=f"eval {spec.name_or_path}", progress=progress,
+                                        compile=compile),
                               "size_on_disk_bytes": state_dict_bytes(model)}
     result["eval_seconds"] = time.perf_counter() - start
     _write(result, Path(out_dir) / "eval.json")
