@@ -157,7 +157,7 @@ def bench_training(args) -> None:
     summary.json. A short run: the perplexity says "still learns", not final quality.
     """
     sweep = Path(tempfile.mkdtemp(prefix="bench_attention_"))
-    overrides = [f"attention={','.join(ATTENTION_CONFIGS)}", f"model={args.train_model}",
+    overrides = [f"attention={','.join(ATTENTION_CONFIGS)}", f"model={args.train_model}", "optim=adamw",
                  f"data.seq_len={args.train_seq_len}", f"trainer.batch_size={args.train_batch}",
                  f"trainer.max_steps={args.train_steps}", f"trainer.eval_every={args.train_steps}",
                  "trainer.eval_batches=8", "trainer.final_eval_batches=8", "trainer.ckpt_every=0",

@@ -66,7 +66,7 @@ class Bench:
     def __init__(self, args) -> None:
         self.args, self.out = args, Path(args.out or tempfile.mkdtemp(prefix="bench_compression_"))
         self.t0 = time.time()
-        self.base = ["data.seq_len=128", "data.tokenizer.vocab_size=1024",
+        self.base = ["optim=adamw", "data.seq_len=128", "data.tokenizer.vocab_size=1024",
                      "model.n_layer=4", "model.n_head=4", "model.d_model=96",
                      f"trainer.batch_size={args.batch_size}", "trainer.eval_every=0",
                      "trainer.ckpt_every=0", "trainer.final_eval_batches=2", "trainer.progress=false",

@@ -37,7 +37,7 @@ def _cfg(args, *overrides):
     from tfx.config import register_configs
 
     register_configs()
-    base = ["model=smollm2", "data=shakespeare", f"data.seq_len={args.seq_len}",
+    base = ["model=smollm2", "data=shakespeare", "optim=adamw", f"data.seq_len={args.seq_len}",
             f"trainer.batch_size={args.batch_size}", "logger=none", "trainer.progress=false",
             f"trainer.max_steps={args.warmup + args.steps}", "trainer.eval_every=0",
             "trainer.ckpt_every=0", f"optim.lr={LR}", f"trainer.grad_clip={CLIP}",

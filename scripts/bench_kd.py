@@ -57,7 +57,7 @@ def compose(overrides: List[str]):
 
 
 def base_overrides(args) -> List[str]:
-    return ["model=smollm2_student", f"model.config_overrides.num_hidden_layers={args.layers}",
+    return ["model=smollm2_student", "optim=adamw", f"model.config_overrides.num_hidden_layers={args.layers}",
             "data=shakespeare", f"data.seq_len={args.seq_len}", f"trainer.batch_size={args.batch_size}",
             f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
             f"trainer.final_eval_batches={args.eval_batches}", "trainer.log_every=10",

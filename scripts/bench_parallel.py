@@ -116,7 +116,7 @@ def main() -> None:
     steps = args.steps or (8 if args.quick else 30)
     model = ["model=tiny", "data.seq_len=64"] if args.quick else ["model=small", "data.seq_len=128"]
     # no trainer.final_eval_batches: the final evaluation covers the whole validation split
-    base = model + ["data=pydocs", f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
+    base = model + ["data=pydocs", "optim=adamw", f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
                     "trainer.log_every=5", "logger=none", "trainer.progress=false", "resume=never", "scheduler.warmup_steps=2"]
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as tmp:

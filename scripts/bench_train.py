@@ -32,7 +32,7 @@ def _cfg(args, *overrides):
     from tfx.config import register_configs
 
     register_configs()
-    base = ["data=pydocs", "model=small", f"data.seq_len={args.seq_len}",
+    base = ["data=pydocs", "model=small", "optim=adamw", f"data.seq_len={args.seq_len}",
             f"trainer.batch_size={args.batch_size}", "logger=none", "trainer.progress=false",
             f"trainer.max_steps={args.warmup + args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

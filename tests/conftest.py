@@ -16,7 +16,7 @@ CONF = ROOT / "conf"
 TINY = ["data=pydocs", "model=tiny", "data.seq_len=32", "trainer.batch_size=4",
         "trainer.max_steps=6", "trainer.eval_every=0", "trainer.eval_batches=2",
         "trainer.final_eval_batches=4", "trainer.ckpt_every=0", "trainer.log_every=1",
-        "trainer.progress=false", "logger=none", "scheduler.warmup_steps=0", "optim.lr=3e-3"]
+        "trainer.progress=false", "logger=none", "scheduler.warmup_steps=0", "optim=adamw", "optim.lr=3e-3"]
 
 
 @pytest.fixture(scope="session", autouse=True)

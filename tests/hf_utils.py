@@ -20,7 +20,7 @@ USER_CACHE = Path(os.path.expanduser(os.environ.get("TFX_MODEL_CACHE") or os.env
 HF_TINY = ["data=pydocs", "data.seq_len=32", "trainer.batch_size=4", "trainer.max_steps=4",
            "trainer.eval_every=0", "trainer.eval_batches=2", "trainer.final_eval_batches=2",
            "trainer.ckpt_every=0", "trainer.log_every=1", "trainer.progress=false", "logger=none",
-           "scheduler.warmup_steps=0", "optim.lr=3e-3"]
+           "scheduler.warmup_steps=0", "optim=adamw", "optim.lr=3e-3"]
 
 TOKENIZER_TEXT = ("def class return import from self None True False the of and to in is "
                   "for with as an be this that value object list dict string module function")

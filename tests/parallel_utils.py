@@ -19,7 +19,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=pydocs", "data.seq_len=32", "trainer.max_steps=4", "trainer.log_every=1",
         "trainer.eval_every=0", "trainer.ckpt_every=2", "trainer.keep_last=5",
         "trainer.final_eval_batches=2", "trainer.eval_batches=2", "logger=none",
-        "trainer.progress=false", "scheduler.warmup_steps=1", "optim.lr=3e-3", "resume=never"]
+        "trainer.progress=false", "scheduler.warmup_steps=1", "optim=adamw", "optim.lr=3e-3", "resume=never"]
 
 
 def shared_cache(tmp_path_factory) -> Path:

@@ -77,7 +77,7 @@ def test_invalid_choice_values(override, match):
 @pytest.mark.parametrize("override,match", [
     ("scheduler.decay=step", r"scheduler.decay='step'; choose one of \['cosine', 'linear', 'constant'\]"),
     ("optim.lr=-1", r"optim.lr=-1 must be > 0"),
-    ("optim.betas=[0.9]", r"optim.betas=\[0.9\] must be two numbers"),
+    ("optim.adamw_betas=[0.9]", r"optim.adamw_betas=\[0.9\] must be two numbers"),
     ("optim.lr=fast", r"optim.lr='fast': expected float"),
     ("model.n_layer=0", r"n_layer=0 must be >= 1"),
     ("trainer.batch_size=0", r"trainer.batch_size=0 must be > 0"),

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 TINY = ["model=tiny", "data=pydocs", "data.seq_len=32", "trainer.batch_size=2", "trainer.max_steps=3",
         "trainer.eval_batches=2", "trainer.final_eval_batches=2", "trainer.log_every=1",
-        "trainer.ckpt_every=0", "trainer.progress=false", "logger=none"]
+        "trainer.ckpt_every=0", "trainer.progress=false", "logger=none", "optim=adamw"]
 PNGS = ("ppl_vs_throughput.png", "ppl_vs_memory.png", "loss_curves.png")
 
 
