@@ -32,6 +32,16 @@ def strip_wrappers(model: nn.Module) -> nn.Module:
         model = inner
 
 
+CHECKPOINT_SEGMENT = "_checkpoint_wrapped_module."  # the child torch's checkpoint_wrapper adds
+
+
+def modules_by_key(model: nn.Module) -> Dict[str, nn.Module]:
+    """``model.named_modules()`` under the names its state-dict keys use: without the
+    segment torch's ``checkpoint_wrapper`` adds (activation checkpointing wraps blocks
+    after compression techniques have recorded their layers by name)."""
+    return {name.replace(CHECKPOINT_SEGMENT, ""): m for name, m in model.named_modules()}
+
+
 def block_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The Linear(-like) modules inside the decoder layers, named relative to ``model``
     (so ``model.get_submodule(name)`` and ``model.state_dict()`` keys agree with them,

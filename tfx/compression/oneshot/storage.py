@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tfx.compression._common import pruned_state_dict
+from tfx.compression._common import modules_by_key, pruned_state_dict
 from tfx.compression.oneshot.gptq import QuantizedWeight, dequantize
 from tfx.compression.oneshot.stats import is_compressible
 from tfx.core.errors import CheckpointError, TfxError
@@ -98,7 +98,7 @@ def save_gptq(model: nn.Module, quantized: Mapping[str, QuantizedWeight],
     Returns ``bytes`` (file size), ``dense_bytes`` (the same state_dict unquantized),
     ``quantized_bytes`` (codes, zero points and scales) and ``bits_per_weight`` of the
     quantized layers."""
-    modules = dict(model.named_modules())
+    modules = modules_by_key(model)  # state-dict names (activation checkpointing's segment dropped)
     sd = pruned_state_dict(model.state_dict())
     dense = _dedup_bytes(sd)
     entries, qbytes, qweights = {}, 0, 0

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import strip_wrappers, unwrap
+from tfx.compression._common import modules_by_key, strip_wrappers, unwrap
 from tfx.compression.oneshot.gptq import GPTQCompressor, check_quant_args, rtn_quantize
 from tfx.compression.oneshot.sequential import calibration_batches, compress_sequential
 from tfx.compression.oneshot.sparsegpt import SparseGPTCompressor
@@ -436,7 +436,7 @@ class GPTQ(_OneShot):
         its current weight and its grid (raises if a weight left its grid)."""
         inner = unwrap(model)
         prefix = _prefix_of(model, inner)
-        modules = dict(inner.named_modules())
+        modules = modules_by_key(inner)  # the names at calibration, before activation checkpointing
         out = {}
         for name, grid in self.grids.items():
             w = effective_weight(modules[name])
