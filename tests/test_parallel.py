@@ -6,9 +6,12 @@ step and the final weights after four AdamW steps must agree.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from parallel_utils import parallel_env, interrupt_after, assert_same_training, run_single, run_workers, train_log  # noqa: F401 (fixture)
+from parallel_utils import (parallel_env, interrupt_after, assert_same_training, make_cfg,  # noqa: F401 (fixture)
+                            run_single, run_workers, train_log)
 
 
 
@@ -91,3 +94,23 @@ def test_comm_hooks_train_and_report_bytes(tmp_path, hook):
     fp32_bytes = 4 * summary["params"]
     ratio = summary["comm/hook_bytes_per_step"] / fp32_bytes
     assert ratio == pytest.approx(0.5, abs=0.01) if hook == "bf16_comm" else ratio < 0.1
+
+
+@pytest.mark.parametrize("parallel,world,refused", [
+    ("pp", 2, True),        # torch's schedule runs the backward: the scaler never scales the loss
+    ("tp", 2, True),        # GradScaler cannot unscale DTensor and plain gradients together
+    ("fsdp_tp", 4, False),  # every parameter a DTensor: works (scripts/compat.py)
+    ("fsdp", 2, False),
+])
+def test_fp16_with_pp_or_tp_alone_is_refused_in_validate(parallel, world, refused):
+    """scripts/compat.py found both crashing in the workers; now one line before any spawn."""
+    from tfx.core import ConfigError
+    from tfx.launch import check_plan
+
+    cfg = make_cfg(Path("/nonexistent"), "precision=fp16", f"parallel={parallel}", "trainer.batch_size=4")
+    if not refused:
+        check_plan(cfg, world)
+        return
+    with pytest.raises(ConfigError, match="precision=fp16 does not combine with parallel") as err:
+        check_plan(cfg, world)
+    assert "\n" not in str(err.value) and "bf16" in str(err.value)

@@ -108,6 +108,10 @@ class PipelineParallel(ParallelTechnique):
         others = [t.key for t in plan.techniques if t.stage in (Stage.TENSOR, Stage.DATA_PARALLEL)]
         if others:
             raise ConfigError(f"parallel=pp does not combine with {others} yet; use one of them alone")
+        if plan.facts().skips_nonfinite:
+            raise ConfigError("precision=fp16 does not combine with parallel=pp: torch's pipeline "
+                              "schedule runs the backward itself, so fp16's GradScaler never scales "
+                              "the loss; use precision=bf16 or fp32")
         self._validate_stages(plan)
 
     def _validate_stages(self, plan) -> None:

@@ -266,6 +266,11 @@ class TensorParallel(ParallelTechnique):
         if plan.world_size % tp:
             raise ConfigError(f"parallel tp degree={tp} does not divide the world size {plan.world_size}; "
                               f"set the degree to a divisor of {plan.world_size}")
+        if plan.facts().skips_nonfinite and plan.facts().data_parallel != "fsdp":
+            raise ConfigError("precision=fp16 does not combine with parallel=tp alone: its GradScaler "
+                              "cannot unscale tensor-parallel (DTensor) and replicated plain "
+                              "gradients together; use precision=bf16, or parallel=fsdp_tp (all "
+                              "parameters DTensors)")
         if plan.world_size // tp > 1 and plan.facts().data_parallel != "fsdp":
             raise ConfigError(f"{plan.world_size} processes with tensor-parallel degree {tp} leave "
                               f"{plan.world_size // tp} data-parallel replicas but no data-parallel "
