@@ -114,3 +114,29 @@ def test_fp16_with_pp_or_tp_alone_is_refused_in_validate(parallel, world, refuse
     with pytest.raises(ConfigError, match="precision=fp16 does not combine with parallel") as err:
         check_plan(cfg, world)
     assert "\n" not in str(err.value) and "bf16" in str(err.value)
+
+
+@pytest.mark.parametrize("compression,parallel,world,needle", [
+    ("[compressed_export]", "fsdp", 2, "writes the whole model from rank 0, but fsdp split"),
+    ("[compressed_export]", "tp", 2, "writes the whole model from rank 0, but tp split"),
+    ("[gptq]", "fsdp_tp", 4, "quantizes and exports whole layers in one process, but tp + fsdp split"),
+    ("[gptq]", "pp", 2, "but pp split"),
+    ("[nm]", "tp", 2, "torch.nn.utils.prune, whose hooks multiply a weight by a whole mask, but tp split"),
+    ("[lowrank]", "tp", 2, "compression=lowrank replaces each block Linear by two factors"),
+    ("[lowrank]", "fsdp", 2, None),  # works: its export is a metric, the factors shard like Linears
+    ("[gptq]", "ddp", 2, None),
+])
+def test_compression_needing_whole_weights_refuses_split_parameters(compression, parallel, world, needle):
+    """scripts/compat.py found these crashing in the workers (export of DTensor shards, TP
+    plans on factorised layers, prune hooks on TP shards); now one line in validate."""
+    from tfx.core import ConfigError
+    from tfx.launch import check_plan
+
+    cfg = make_cfg(Path("/nonexistent"), f"compression={compression}", f"parallel={parallel}",
+                   "trainer.batch_size=4")
+    if needle is None:
+        check_plan(cfg, world)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_plan(cfg, world)
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value

@@ -12,6 +12,20 @@ from tfx.core.errors import ConfigError
 from tfx.model.anatomy import anatomy_of, is_conv1d, unwrap  # noqa: F401  (re-exported)
 
 
+def refuse_layouts(plan, what: str, why: str, pipeline: bool = False) -> None:
+    """One line in validate when the run's parameters are DTensors (FSDP2 shards or a
+    tensor-parallel plan) -- or, with ``pipeline``, split into pipeline stages -- and
+    ``what`` needs whole weights in one process (``why``). Found by scripts/compat.py:
+    these combinations crashed in the workers at export time."""
+    from tfx.core.technique import Stage
+
+    layouts = [t.key for t in plan.techniques
+               if t.shards_parameters or t.stage == Stage.TENSOR or (pipeline and t.stage == Stage.PIPELINE)]
+    if layouts:
+        raise ConfigError(f"{what} {why}, but {' + '.join(layouts)} split the parameters across ranks; "
+                          f"use parallel=ddp or parallel=single")
+
+
 def prefix_of(outer: nn.Module, inner: nn.Module) -> str:
     """The qualified-name prefix of ``inner`` inside ``outer`` (``""``, ``"lm."``, ...)."""
     if outer is inner:

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from tfx.compression._common import strip_wrappers
+from tfx.compression._common import refuse_layouts, strip_wrappers
 from tfx.compression.reload import inference_state_dict
 from tfx.core.context import RunContext
 from tfx.core.errors import CheckpointError, ConfigError
@@ -94,6 +94,9 @@ class CompressedExport(Technique):
         if zstd_level is not None and not 1 <= zstd_level <= 22:
             raise ConfigError("compression.compressed_export.zstd_level must be 1-22 or null")
         self.dtype, self.zstd_level = dtype, zstd_level
+
+    def validate(self, plan) -> None:
+        refuse_layouts(plan, "compression=compressed_export", "writes the whole model from rank 0")
 
     def export(self, model: nn.Module, out_dir, ctx: RunContext) -> Dict[str, float]:
         # the built model's keys (an HF model keeps tfx's ``lm.`` prefix), so

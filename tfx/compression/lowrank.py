@@ -105,6 +105,10 @@ class LowRank(Technique):
 
     def validate(self, plan) -> None:
         require_anatomy(plan, "compression=lowrank")
+        if plan.has_stage(Stage.TENSOR):
+            raise ConfigError("compression=lowrank replaces each block Linear by two factors, which "
+                              "the tensor-parallel plans (ColwiseParallel/RowwiseParallel on "
+                              "nn.Linear) cannot shard; use parallel=fsdp or parallel=ddp")
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         saved = dict(ctx.structure_of(self).get("ranks", {})) if ctx.resuming else None

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import block_linears, is_conv1d, strip_wrappers, unwrap, weight_matrix
+from tfx.compression._common import (block_linears, is_conv1d, refuse_layouts, strip_wrappers, unwrap,
+                                     weight_matrix)
 from tfx.compression.sparse_storage import save_sparse
 from tfx.core.context import RunContext, StepInfo
 from tfx.core.errors import ConfigError
@@ -224,10 +225,8 @@ class _MaskTechnique(Technique):
     def validate(self, plan: Plan) -> None:
         # FSDP2 shards parameters into DTensors; prune's forward-pre-hook would then
         # multiply a sharded weight_orig by an unsharded mask.
-        if plan.facts().shards_parameters:
-            raise ConfigError(f"compression={self.name} keeps pruning masks through "
-                              "torch.nn.utils.prune, which does not work with FSDP; use "
-                              "parallel=ddp or parallel=single")
+        refuse_layouts(plan, f"compression={self.name}", "keeps pruning masks through "
+                       "torch.nn.utils.prune, whose hooks multiply a weight by a whole mask")
         masks = plan.find_all(_MaskTechnique)
         if len(masks) > 1:
             raise ConfigError(f"compression: {' and '.join(t.key for t in masks)} all set the "

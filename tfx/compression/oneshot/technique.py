@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from tfx.compression._common import modules_by_key, strip_wrappers, unwrap
+from tfx.compression._common import modules_by_key, refuse_layouts, strip_wrappers, unwrap
 from tfx.compression.oneshot.gptq import GPTQCompressor, check_quant_args, rtn_quantize
 from tfx.compression.oneshot.sequential import calibration_batches, compress_sequential
 from tfx.compression.oneshot.sparsegpt import SparseGPTCompressor
@@ -388,6 +388,11 @@ class GPTQ(_OneShot):
         self.method, self.percdamp, self.blocksize = method, percdamp, blocksize
         self._init_calibration(n_samples, seq_len, batch_size, seed, from_checkpoint)
         self.grids: Dict[str, Dict[str, Any]] = {}  # name -> scales, zeros, group_size
+
+    def validate(self, plan) -> None:
+        super().validate(plan)
+        refuse_layouts(plan, f"compression={self.name}", "quantizes and exports whole layers in one "
+                       "process", pipeline=True)
 
     def apply_to_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         inner = unwrap(model)
