@@ -123,6 +123,8 @@ def test_fp16_with_pp_or_tp_alone_is_refused_in_validate(parallel, world, refuse
     ("[gptq]", "pp", 2, "but pp split"),
     ("[nm]", "tp", 2, "torch.nn.utils.prune, whose hooks multiply a weight by a whole mask, but tp split"),
     ("[lowrank]", "tp", 2, "compression=lowrank replaces each block Linear by two factors"),
+    ("[ptq]", "fsdp", 2, "compression=ptq quantizes a copy of the whole model at export, but fsdp split"),
+    ("[qat]", "tp", 2, "compression=qat swaps whole nn.Linear layers"),
     ("[lowrank]", "fsdp", 2, None),  # works: its export is a metric, the factors shard like Linears
     ("[gptq]", "ddp", 2, None),
 ])

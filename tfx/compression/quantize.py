@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from tfx.compression._common import block_linears, conv1d_to_linear, strip_wrappers
+from tfx.compression._common import block_linears, conv1d_to_linear, refuse_layouts, strip_wrappers
 from tfx.compression.prune import make_permanent
 from tfx.core.context import RunContext
 from tfx.core.errors import ConfigError, TfxError
@@ -135,6 +135,7 @@ class PostTrainingQuant(Technique):
 
     def validate(self, plan: Plan) -> None:
         require_anatomy(plan, "compression=ptq")
+        refuse_layouts(plan, "compression=ptq", "quantizes a copy of the whole model at export")
         check_supported(self.scheme, plan.device_type)
         if self.scheme == "int4_weight_only":
             check_group_size(plan, "compression.ptq", self.group_size)
@@ -227,6 +228,8 @@ class QAT(Technique):
                               "[in, out]); turning them into Linears would change the trained model's "
                               "parameter layout, so it could not be saved for transformers again. On "
                               "GPT-2 use compression=ptq (a converted copy at export) or gptq")
+        refuse_layouts(plan, "compression=qat", "swaps whole nn.Linear layers for torchao's "
+                       "fake-quantized ones and exports a copy of the whole model")
         if self.scheme == "int8a_int4w":
             check_group_size(plan, "compression.qat", self.group_size)
 
