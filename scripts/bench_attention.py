@@ -157,7 +157,8 @@ def bench_training(args) -> None:
     summary.json. A short run: the perplexity says "still learns", not final quality.
     """
     sweep = Path(tempfile.mkdtemp(prefix="bench_attention_"))
-    overrides = [f"attention={','.join(ATTENTION_CONFIGS)}", f"model={args.train_model}", "optim=adamw",
+    configs = args.train_attention
+    overrides = [f"attention={','.join(configs)}", f"model={args.train_model}", "optim=adamw",
                  f"data.seq_len={args.train_seq_len}", f"trainer.batch_size={args.train_batch}",
                  f"trainer.max_steps={args.train_steps}", f"trainer.eval_every={args.train_steps}",
                  "trainer.eval_batches=8", "trainer.final_eval_batches=8", "trainer.ckpt_every=0",
@@ -170,7 +171,7 @@ def bench_training(args) -> None:
     print(f"| attention | tokens/s | speedup | step ms | peak MB | val ppl after {args.train_steps} steps |")
     print("|---|---|---|---|---|---|")
     base = None
-    for i, name in enumerate(ATTENTION_CONFIGS):
+    for i, name in enumerate(configs):
         s = json.loads((sweep / str(i) / "summary.json").read_text())
         base = base or s["tokens_per_sec"]
         print(f"| {name} | {s['tokens_per_sec']:,.0f} | {s['tokens_per_sec'] / base:.2f} | "
@@ -201,6 +202,8 @@ def main() -> None:
     p.add_argument("--train-seq-len", type=int, default=2048)
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-attention", nargs="+", default=list(ATTENTION_CONFIGS), choices=ATTENTION_CONFIGS,
+                   help="conf/attention options to train, the first is the baseline (default: all)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="the kernel-level table (--no-kernels: only --train)")
     args = p.parse_args()
