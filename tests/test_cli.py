@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import ROOT, TINY, run_cli
 
 
 def test_multirun_writes_two_summaries_and_two_wandb_runs(tmp_path):
@@ -63,6 +63,7 @@ def test_user_errors_are_one_line(tmp_path):
     ("trainer.target_loss=abc", "error: Error merging override trainer.target_loss=abc"),
     ("optim.betas=[0.9", "error: cannot parse the override 'optim.betas=[0.9': no viable alternative"),
     ("seed=1 seed=2", "error: seed is given twice (seed=1 and seed=2); for one run per seed use -m seed=1,2"),
+    ("seed=1,2", "error: Ambiguous value for argument 'seed=1,2'"),  # a sweep without -m or a preset
 ])
 def test_train_composition_errors_are_one_line_exit_2(override, message, tmp_path):
     """Hydra answers these in several lines with exit 1; train.py's preflight in one."""
@@ -70,6 +71,17 @@ def test_train_composition_errors_are_one_line_exit_2(override, message, tmp_pat
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sweeping_preset_takes_comma_lists_without_m(monkeypatch):
+    """experiment=memory sets hydra.mode=MULTIRUN, so `seed=1,2` is a sweep Hydra runs, not
+    an ambiguous value: the preflight leaves it to Hydra (it refused it before)."""
+    from tfx.cli import preflight
+    from tfx.config import register_configs
+
+    register_configs()  # the typed schemas, as train.py registers them before its preflight
+    monkeypatch.setattr("tfx.cli.fail", lambda err: pytest.fail(f"refused: {err}"))
+    preflight(["experiment=memory", "trainer.max_steps=30", "seed=1337,1,2"], ROOT / "conf")
 
 
 def test_exported_variants_keep_the_runs_sparse_attention(tmp_path, pydocs_data):

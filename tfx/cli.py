@@ -78,6 +78,7 @@ def preflight(args, conf_dir) -> None:
     the composition to Hydra (a sweep's comma lists are not one config)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -86,11 +87,15 @@ def preflight(args, conf_dir) -> None:
             return
         parser = OverridesParser.create()
         given: Dict[str, str] = {}
+        sweeps = []
         for arg in args:
             try:
-                key = parser.parse_override(arg).key_or_group
+                parsed = parser.parse_override(arg)
             except HydraException as err:
                 raise ConfigError(f"cannot parse the override {arg!r}: {_hydra_error(err)}") from None
+            key = parsed.key_or_group
+            if parsed.is_sweep_override():
+                sweeps.append(arg)
             # seed=1 seed=2 reads like two runs but Hydra silently trains the last one. (A
             # later override of any other key replacing an earlier one is how scripts
             # layer settings on a base list, so only the seed is refused.)
@@ -100,6 +105,11 @@ def preflight(args, conf_dir) -> None:
             given[key] = arg
         try:
             with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+                if sweeps:  # a preset that sets hydra.mode=MULTIRUN sweeps them without -m
+                    rest = [a for a in args if a not in sweeps]
+                    cfg = compose("train", overrides=rest, return_hydra_config=True)
+                    if cfg.hydra.mode == RunMode.MULTIRUN:
+                        return
                 compose("train", overrides=list(args), return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
             raise _hydra_error(err) from None
