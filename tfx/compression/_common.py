@@ -13,14 +13,14 @@ from tfx.model.anatomy import anatomy_of, is_conv1d, unwrap  # noqa: F401  (re-e
 
 
 def refuse_layouts(plan, what: str, why: str, pipeline: bool = False) -> None:
-    """One line in validate when the run's parameters are DTensors (FSDP2 shards or a
-    tensor-parallel plan) -- or, with ``pipeline``, split into pipeline stages -- and
-    ``what`` needs whole weights in one process (``why``). Found by scripts/compat.py:
-    these combinations crashed in the workers at export time."""
+    """One line in validate when a technique declares ``shards_parameters`` (FSDP2,
+    tensor parallel: DTensor parameters) -- or, with ``pipeline``, splits the model into
+    pipeline stages -- and ``what`` needs whole weights in one process (``why``). Found
+    by scripts/compat.py: these combinations crashed in the workers at export time."""
     from tfx.core.technique import Stage
 
     layouts = [t.key for t in plan.techniques
-               if t.shards_parameters or t.stage == Stage.TENSOR or (pipeline and t.stage == Stage.PIPELINE)]
+               if t.shards_parameters or (pipeline and t.stage == Stage.PIPELINE)]
     if layouts:
         raise ConfigError(f"{what} {why}, but {' + '.join(layouts)} split the parameters across ranks; "
                           f"use parallel=ddp or parallel=single")

@@ -89,8 +89,9 @@ class Technique:
     skips_nonfinite: bool = False
     #: "ddp" or "fsdp" for the technique that replicates/shards over data-parallel ranks
     data_parallel: Optional[str] = None
-    #: True if parameters become sharded DTensors (FSDP2): module hooks that multiply a
-    #: parameter by an unsharded tensor (torch.nn.utils.prune) cannot work
+    #: True if parameters become sharded DTensors (FSDP2, tensor parallel): module hooks
+    #: that multiply a parameter by an unsharded tensor (torch.nn.utils.prune) and exports
+    #: that read whole weights on rank 0 cannot work
     shards_parameters: bool = False
     #: True if DDP on gloo must put all gradients in one bucket (PowerSGD deadlocks otherwise)
     needs_single_ddp_bucket: bool = False

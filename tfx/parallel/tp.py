@@ -238,6 +238,8 @@ class TensorParallel(ParallelTechnique):
     stage = Stage.TENSOR
     name = "tp"
 
+    shards_parameters = True  # the plan's Linears (and embedding/head) become DTensor shards
+
     def __init__(self, nproc_per_node: Optional[int] = None, degree: Optional[int] = None,
                  sequence_parallel: bool = True, loss_parallel: bool = True) -> None:
         super().__init__(nproc_per_node)
