@@ -174,6 +174,11 @@ def run_dtype(compute_dtype: Optional[torch.dtype], model: Optional[nn.Module] =
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _cpu_probe(dtype: str) -> str:
+    """The GEMM dtype the CPU peak is measured in for a run in ``dtype``."""
+    return "fp16" if dtype == "fp16" else ("bf16" if dtype in ("bf16", "fp8") else "fp32")
+
+
 def peak_flops(device: torch.device, dtype: str, override_tflops: Optional[float] = None
                ) -> Tuple[Optional[float], str]:
     """(peak FLOP/s of one device in ``dtype``, where the number comes from)."""
@@ -186,7 +191,7 @@ def peak_flops(device: torch.device, dtype: str, override_tflops: Optional[float
             return None, f"{name} ({dtype}) is not in tfx.flops.GPU_PEAK_TFLOPS; set trainer.peak_tflops"
         return found
     if device.type == "cpu":
-        probe = "fp16" if dtype == "fp16" else ("bf16" if dtype in ("bf16", "fp8") else "fp32")
+        probe = _cpu_probe(dtype)
         flops = measure_matmul_flops(_DTYPES[probe])
         return flops, (f"measured: {probe} {PROBE_SIZE}x{PROBE_SIZE} GEMM, best of {PROBE_TRIALS} x "
                        f"{PROBE_SECONDS:g} s, {torch.get_num_threads()} threads")
@@ -222,8 +227,7 @@ class Flops:
         A peak from a table or ``trainer.peak_tflops`` is returned unchanged."""
         if not (self.peak and self.peak_source.startswith("measured: ")):
             return self
-        probe = next((k for k in _DTYPES if self.peak_source.startswith(f"measured: {k} ")), "fp32")
-        again = measure_matmul_flops.__wrapped__(_DTYPES[probe])  # not the per-process cache
+        again = measure_matmul_flops.__wrapped__(_DTYPES[_cpu_probe(self.dtype)])  # not the cache
         if again <= self.peak:
             return self
         return dataclasses.replace(self, peak=again)
