@@ -180,6 +180,11 @@ def _hydra_error(err: Exception) -> ConfigError:
     return ConfigError(text)
 
 
+def _group_overrides(overrides, group: str) -> list:
+    """The command-line overrides that set ``group`` or one of its keys (``+``/``~`` too)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == group]
+
+
 def check_evaluate_config(cfg: DictConfig, overrides=()) -> None:
     """What evaluate.py is asked to do, checked before anything is loaded or written:
     evaluate.py's own keys (:func:`tfx.eval_run.check_args`), run= or model= (one of
@@ -189,7 +194,7 @@ def check_evaluate_config(cfg: DictConfig, overrides=()) -> None:
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; evaluate.py takes {list(EVALUATE_KEYS)} and the "
                           f"model/data groups")
-    optim = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "optim"]
+    optim = _group_overrides(overrides, "optim")
     if optim:
         raise ConfigError(f"{optim[0]} does not apply to evaluate.py: it trains nothing")
     run, model = cfg.get("run"), cfg.get("model")
@@ -201,7 +206,7 @@ def check_evaluate_config(cfg: DictConfig, overrides=()) -> None:
                           "(a run evaluates the model it trained)")
     if run:
         check_run(run)
-        data = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "data"]
+        data = _group_overrides(overrides, "data")
         if data:
             raise ConfigError(f"{data[0]} does not apply to run=: a run is measured on the data it "
                               f"trained on (its checkpoint's config); drop it, or use model=... instead")
