@@ -96,49 +96,46 @@ def test_comm_hooks_train_and_report_bytes(tmp_path, hook):
     assert ratio == pytest.approx(0.5, abs=0.01) if hook == "bf16_comm" else ratio < 0.1
 
 
-@pytest.mark.parametrize("parallel,world,refused", [
-    ("pp", 2, True),        # torch's schedule runs the backward: the scaler never scales the loss
-    ("tp", 2, True),        # GradScaler cannot unscale DTensor and plain gradients together
-    ("fsdp_tp", 4, False),  # every parameter a DTensor: works (scripts/compat.py)
-    ("fsdp", 2, False),
+FP16_REFUSED = ("precision=fp16 does not combine with parallel", "bf16")
+
+
+@pytest.mark.parametrize("overrides,world,needles", [
+    # torch's pipeline schedule runs the backward: fp16's scaler never scales the loss
+    (["precision=fp16", "parallel=pp"], 2, FP16_REFUSED),
+    # GradScaler cannot unscale DTensor and plain gradients together
+    (["precision=fp16", "parallel=tp"], 2, FP16_REFUSED),
+    (["precision=fp16", "parallel=fsdp_tp"], 4, None),  # every parameter a DTensor: works
+    (["precision=fp16", "parallel=fsdp"], 2, None),
+    (["compression=[compressed_export]", "parallel=fsdp"], 2,
+     ("writes the whole model from rank 0, but fsdp split",)),
+    (["compression=[compressed_export]", "parallel=tp"], 2,
+     ("writes the whole model from rank 0, but tp split",)),
+    (["compression=[gptq]", "parallel=fsdp_tp"], 4,
+     ("quantizes and exports whole layers in one process, but tp + fsdp split",)),
+    (["compression=[gptq]", "parallel=pp"], 2, ("but pp split",)),
+    (["compression=[nm]", "parallel=tp"], 2,
+     ("torch.nn.utils.prune, whose hooks multiply a weight by a whole mask, but tp split",)),
+    (["compression=[lowrank]", "parallel=tp"], 2,
+     ("compression=lowrank replaces each block Linear by two factors",)),
+    (["compression=[ptq]", "parallel=fsdp"], 2,
+     ("compression=ptq quantizes a copy of the whole model at export, but fsdp split",)),
+    (["compression=[qat]", "parallel=tp"], 2, ("compression=qat swaps whole nn.Linear layers",)),
+    (["compression=[lowrank]", "parallel=fsdp"], 2, None),  # its export is a metric; factors shard
+    (["compression=[gptq]", "parallel=ddp"], 2, None),
 ])
-def test_fp16_with_pp_or_tp_alone_is_refused_in_validate(parallel, world, refused):
-    """scripts/compat.py found both crashing in the workers; now one line before any spawn."""
+def test_pairs_that_crashed_in_the_workers_are_refused_in_validate(overrides, world, needles):
+    """scripts/compat.py found these crashing in the workers (fp16's scaler under pp/tp,
+    exports of DTensor shards, TP plans on factorised layers, prune hooks on TP shards);
+    now one line in validate, before any spawn. ``needles`` None: the pair works."""
     from tfx.core import ConfigError
     from tfx.launch import check_plan
 
-    cfg = make_cfg(Path("/nonexistent"), "precision=fp16", f"parallel={parallel}", "trainer.batch_size=4")
-    if not refused:
-        check_plan(cfg, world)
-        return
-    with pytest.raises(ConfigError, match="precision=fp16 does not combine with parallel") as err:
-        check_plan(cfg, world)
-    assert "\n" not in str(err.value) and "bf16" in str(err.value)
-
-
-@pytest.mark.parametrize("compression,parallel,world,needle", [
-    ("[compressed_export]", "fsdp", 2, "writes the whole model from rank 0, but fsdp split"),
-    ("[compressed_export]", "tp", 2, "writes the whole model from rank 0, but tp split"),
-    ("[gptq]", "fsdp_tp", 4, "quantizes and exports whole layers in one process, but tp + fsdp split"),
-    ("[gptq]", "pp", 2, "but pp split"),
-    ("[nm]", "tp", 2, "torch.nn.utils.prune, whose hooks multiply a weight by a whole mask, but tp split"),
-    ("[lowrank]", "tp", 2, "compression=lowrank replaces each block Linear by two factors"),
-    ("[ptq]", "fsdp", 2, "compression=ptq quantizes a copy of the whole model at export, but fsdp split"),
-    ("[qat]", "tp", 2, "compression=qat swaps whole nn.Linear layers"),
-    ("[lowrank]", "fsdp", 2, None),  # works: its export is a metric, the factors shard like Linears
-    ("[gptq]", "ddp", 2, None),
-])
-def test_compression_needing_whole_weights_refuses_split_parameters(compression, parallel, world, needle):
-    """scripts/compat.py found these crashing in the workers (export of DTensor shards, TP
-    plans on factorised layers, prune hooks on TP shards); now one line in validate."""
-    from tfx.core import ConfigError
-    from tfx.launch import check_plan
-
-    cfg = make_cfg(Path("/nonexistent"), f"compression={compression}", f"parallel={parallel}",
-                   "trainer.batch_size=4")
-    if needle is None:
+    cfg = make_cfg(Path("/nonexistent"), *overrides, "trainer.batch_size=4")
+    if needles is None:
         check_plan(cfg, world)
         return
     with pytest.raises(ConfigError) as err:
         check_plan(cfg, world)
-    assert needle in str(err.value) and "\n" not in str(err.value), err.value
+    assert "\n" not in str(err.value), err.value
+    for needle in needles:
+        assert needle in str(err.value), err.value
